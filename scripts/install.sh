@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one installer: Debian packages, a virtualenv at .venv, vhdfs installed editable with its
+# test extra. Idempotent: a second run checks and returns in seconds, changing nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    python3 python3-venv python3-dev gcc pkg-config
+    fuse3 libfuse3-dev
+    qemu-utils libvhdi-utils
+    e2fsprogs dosfstools fdisk mtools util-linux xz-utils fio
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install.sh: missing Debian packages (${missing[*]}); run as root" >&2
+        exit 1
+    fi
+    echo "install.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# FUSE needs its device node and the kernel module (containers may lack both).
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+
+# Debian's own interpreter, not whatever python3 comes first on PATH.
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ]; then
+    echo "install.sh: creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.vhdfs-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c 'import vhdfs, pyfuse3, trio' 2>/dev/null; then
+    echo "install.sh: installing vhdfs into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi
+
+# mount(8) looks for /sbin/mount.<type>; point it at the venv's helper.
+if [ "$(id -u)" -eq 0 ] && [ -x .venv/bin/mount.vhdfs ]; then
+    target="$(pwd)/.venv/bin/mount.vhdfs"
+    [ "$(readlink /sbin/mount.vhdfs 2>/dev/null)" = "$target" ] || ln -sf "$target" /sbin/mount.vhdfs
+fi
+echo "install.sh: ready (.venv/bin/vhdfs)"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install what is needed, then run the whole suite. Takes no arguments (extra ones go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install.sh
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider -ra "$@" tests
+rc=$?
+set -e
+# pytest's 5 means "no tests collected": a suite that ran nothing has failed.
+exit $rc

@@ -1,0 +1,274 @@
+"""The Image protocol every block driver implements, and the generic read path on top of it.
+
+A driver only answers one question about its own file: *where do these virtual bytes live?*
+(``map_layer``). It yields extents that are either DATA in its file, ZERO, or BACKING (ask the
+image below: a differencing parent, or zeros when there is none). Reading, chain resolution and
+extent merging are done once, here, so that a 1 MiB read of allocated data is one ``pread`` and a
+driver never loops over sectors.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..errors import FormatError, ReadOnlyError, UnsupportedError
+
+
+class Kind(enum.IntEnum):
+    DATA = 0
+    ZERO = 1
+    BACKING = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of virtual bytes ``[offset, offset+length)`` and where they come from.
+
+    For DATA, ``fd``/``file_offset`` say which open file holds them, so a caller (the FUSE layer)
+    can issue its own non-blocking ``preadv`` without going through ``Image.read``.
+    """
+
+    offset: int
+    length: int
+    kind: Kind
+    fd: int = -1
+    file_offset: int = 0
+    layer: int = 0  # 0 = the top image, 1 = its parent, ...
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Join neighbours that one I/O can serve (same kind, same file, contiguous)."""
+    pending: Extent | None = None
+    for ext in extents:
+        if ext.length <= 0:
+            continue
+        if pending is not None and pending.end == ext.offset and pending.kind == ext.kind and (
+            ext.kind != Kind.DATA
+            or (pending.fd == ext.fd and pending.file_offset + pending.length == ext.file_offset)
+        ) and (ext.kind == Kind.ZERO or pending.layer == ext.layer):
+            pending = Extent(pending.offset, pending.length + ext.length, pending.kind,
+                             pending.fd, pending.file_offset, pending.layer)
+            continue
+        if pending is not None:
+            yield pending
+        pending = ext
+    if pending is not None:
+        yield pending
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How to open an image: passed from the CLI/daemon down to every driver and parent."""
+
+    writable: bool = False
+    force: bool = False              # accept a bad checksum on a writable open
+    size_rule: str = "auto"          # VHD virtual size: "auto" (QEMU 10 rule), "chs", "current"
+    parent_dirs: tuple[str, ...] = ()
+    ignore_parent_id: bool = False   # accept a parent whose UUID differs (forensics)
+
+
+@dataclass
+class ParentRef:
+    """What a differencing layer says about its parent; ``chain.open_image`` resolves it.
+
+    ``candidates`` are tried in order (locators, stored name, extra folders); the first that
+    exists and whose identity ``matches`` becomes the backing image.
+    """
+
+    name: str                       # what to call the parent in messages
+    expected_id: str                # the UUID the child expects, printable
+    candidates: list[str] = field(default_factory=list)
+    search_names: list[str] = field(default_factory=list)  # basenames to try in --parent-dir
+    format: str = "vhd"             # which driver opens the parent
+    match_by_id_in_dirs: bool = False  # VDI: scan folders for any image with the right UUID
+
+    def matches(self, parent: "Image") -> bool:
+        return parent.identity() == self.expected_id
+
+
+class Image(abc.ABC):
+    """One open image layer (and, through ``backing``, the chain below it).
+
+    Thread-safety: reads are safe from many threads. Writes that allocate or change metadata
+    take ``self.meta_lock``; the FUSE layer adds its own ``trio.Lock`` above it. Data writes to
+    ranges that are already mapped (``write_is_in_place``) need no lock.
+    """
+
+    format: str = "?"
+    type: str = "?"
+
+    def __init__(self, path: str, size: int, writable: bool) -> None:
+        self.path = os.path.abspath(path)
+        self.size = size
+        self.writable = writable
+        self.backing: Image | None = None
+        self.parent_ref: ParentRef | None = None
+        self.meta_lock = threading.RLock()
+        self.closed = False
+
+    # -- what drivers implement ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def map_layer(self, offset: int, length: int) -> Iterator[Extent]:
+        """Extents of this layer only, covering exactly ``[offset, offset+length)``.
+
+        Called with a range inside ``[0, size)``. Yields DATA, ZERO, or BACKING.
+        """
+
+    @abc.abstractmethod
+    def _write(self, offset: int, data: memoryview) -> None:
+        """Write a range inside ``[0, size)``; the caller checked writability and bounds."""
+
+    @abc.abstractmethod
+    def identity(self) -> str:
+        """The UUID children use to name this image (printable form)."""
+
+    @abc.abstractmethod
+    def _close_files(self) -> None:
+        """Close this layer's files (not the backing image)."""
+
+    def flush(self) -> None:
+        """Make everything written so far durable in the image file."""
+
+    def describe(self) -> dict[str, Any]:
+        """Format details for ``vhdfs info`` (this layer only)."""
+        return {}
+
+    def check(self) -> list[str]:
+        """Structural problems found in this layer (empty when clean)."""
+        return []
+
+    def allocated_bytes(self) -> int:
+        """Bytes of virtual disk this layer stores (for ``st_blocks`` and ``info``)."""
+        return sum(e.length for e in self.map_layer(0, self.size) if e.kind == Kind.DATA) if self.size else 0
+
+    def write_is_in_place(self, offset: int, length: int) -> bool:
+        """True when writing this range changes no metadata (no allocation, no bitmap bit)."""
+        return False
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make the range read as zeros, releasing space where the format allows."""
+        raise UnsupportedError(f"{self.format} {self.type} images do not support discard", self.path)
+
+    # -- generic behaviour ------------------------------------------------------------------
+
+    @property
+    def chain(self) -> list["Image"]:
+        """This image and its parents, top first."""
+        out: list[Image] = []
+        img: Image | None = self
+        while img is not None:
+            out.append(img)
+            img = img.backing
+        return out
+
+    def _clip(self, offset: int, length: int) -> int:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        return max(0, min(length, self.size - offset))
+
+    def extents(self, offset: int = 0, length: int | None = None, _layer: int = 0) -> Iterator[Extent]:
+        """Where every byte of ``[offset, offset+length)`` comes from, down the whole chain.
+
+        BACKING runs are resolved in the parent (zeros past its end, or with no parent).
+        """
+        if length is None:
+            length = self.size - offset
+        length = self._clip(offset, length)
+        if length == 0:
+            return iter(())
+        return merge_extents(self._resolve(offset, length, _layer))
+
+    def _resolve(self, offset: int, length: int, layer: int) -> Iterator[Extent]:
+        for ext in self.map_layer(offset, length):
+            if ext.kind != Kind.BACKING:
+                yield Extent(ext.offset, ext.length, ext.kind, ext.fd, ext.file_offset, layer)
+                continue
+            parent = self.backing
+            inside = 0 if parent is None else max(0, min(ext.end, parent.size) - ext.offset)
+            if inside:
+                yield from parent._resolve(ext.offset, inside, layer + 1)
+            if inside < ext.length:
+                yield Extent(ext.offset + inside, ext.length - inside, Kind.ZERO, layer=layer)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)``, short only at the end of the disk."""
+        length = self._clip(offset, length)
+        if length == 0:
+            return b""
+        exts = list(self.extents(offset, length))
+        if len(exts) == 1 and exts[0].kind == Kind.DATA:
+            return pread_exact(exts[0].fd, length, exts[0].file_offset, self.path)
+        buf = bytearray(length)
+        self.readinto_extents(exts, memoryview(buf), offset)
+        return bytes(buf)
+
+    def readinto_extents(self, exts: list[Extent], view: memoryview, base: int) -> None:
+        """Fill ``view`` (virtual offset ``base``) from resolved extents; ZERO runs left as is."""
+        for ext in exts:
+            if ext.kind == Kind.DATA:
+                start = ext.offset - base
+                preadinto_exact(ext.fd, view[start:start + ext.length], ext.file_offset, self.path)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at ``offset``; a write past the end of the disk is refused."""
+        if not self.writable:
+            raise ReadOnlyError("image is open read-only", self.path)
+        view = memoryview(data).cast("B")
+        if offset < 0 or offset + len(view) > self.size:
+            raise FormatError(
+                f"write of {len(view)} bytes at {offset} goes past the end of the disk ({self.size})",
+                self.path)
+        if len(view):
+            self._write(offset, view)
+        return len(view)
+
+    def close(self) -> None:
+        """Close this image and every parent it opened."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.writable:
+                self.flush()
+        finally:
+            self._close_files()
+            if self.backing is not None:
+                self.backing.close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path} size={self.size}>"
+
+
+def preadinto_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; bytes past the end of the file are an error."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise FormatError(f"truncated: data expected at offset {offset + done} is past the end of the file", path)
+        done += n
+
+
+def pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    buf = bytearray(length)
+    preadinto_exact(fd, memoryview(buf), offset, path)
+    return bytes(buf)

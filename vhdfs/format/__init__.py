@@ -1,0 +1,1 @@
+"""On-disk structures: fixed layouts, checksums, constants. Pure functions over bytes."""
