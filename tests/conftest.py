@@ -1,0 +1,56 @@
+"""Fixtures shared by every tier: the corpus of real images, root/FUSE gates, scratch files."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("VHDFS_CORPUS", REPO.parent / "shared" / "corpus"))
+
+
+def corpus_entries() -> list[dict]:
+    """Manifest entries (empty when the corpus is absent, so parametrised tests skip)."""
+    manifest = CORPUS / "manifest.json"
+    if not manifest.is_file():
+        return []
+    return json.loads(manifest.read_text())["images"]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch copy of the corpus with every image decompressed (read-only files).
+
+    Tests that write must copy an image out of here first.
+    """
+    entries = corpus_entries()
+    if not entries:
+        pytest.skip(f"corpus not found at {CORPUS}")
+    out = tmp_path_factory.mktemp("corpus")
+    for entry in entries:
+        dst = out / entry["image"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = CORPUS / entry["stored_as"]
+        if entry.get("compression") == "xz":
+            with lzma.open(src) as fin, open(dst, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        else:
+            shutil.copyfile(src, dst)
+        dst.chmod(0o444)
+    return out
+
+
+def corpus_ids() -> list[str]:
+    return [e["image"] for e in corpus_entries()]
+
+
+def has_root_fuse() -> bool:
+    return os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+needs_root = pytest.mark.skipif(not has_root_fuse(), reason="needs root, /dev/fuse and fusermount3")
