@@ -1,0 +1,182 @@
+"""The daemon's life: lay out the files, mount, serve until unmounted or signalled, flush, exit.
+
+Runs in the foreground (``vhdfs mount --foreground``, systemd ``Type=notify``); the CLI's
+background mode is a re-exec of this, never a fork inside ``trio.run``. Readiness (``READY=1``
+on ``$NOTIFY_SOCKET``) is sent only after the daemon has read a byte of its own first file
+through the mount from a worker thread, so "ready" means "served", not merely "mounted".
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Iterable
+
+import pyfuse3
+import trio
+
+from ..block.base import Image
+from ..errors import UsageError, VhdfsError
+from . import state
+from .image_file import ImageFile, SharedImage
+from .operations import VhdfsOperations
+from .partitions import find_partitions
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class Exposed:
+    """An opened image and the name its file gets (``<stem>.raw``)."""
+
+    stem: str
+    image: Image
+    writable: bool
+    temp_child: str | None = None   # a snapshot child removed at unmount
+
+
+def build_files(exposed: Iterable[Exposed], partitions: bool = True,
+                limiter: trio.CapacityLimiter | None = None) -> list[ImageFile]:
+    """The mount's files, whole disks first and each disk's partitions after it.
+
+    Two images with one stem (``a/disk.vhd``, ``b/disk.vhd``), or a stem that collides with a
+    partition file name, is a UsageError naming both: silently renaming would let a user write
+    to the wrong disk.
+    """
+    limiter = limiter or trio.CapacityLimiter(8)
+    files: list[ImageFile] = []
+    owners: dict[str, str] = {}
+
+    def add(f: ImageFile, owner: str) -> None:
+        if f.name in owners:
+            raise UsageError(f"two files would be called {f.name} ({owners[f.name]} and {owner});"
+                             " mount them separately or rename one")
+        owners[f.name] = owner
+        files.append(f)
+
+    for ex in exposed:
+        shared = SharedImage(ex.image, ex.writable, limiter, temp_child=ex.temp_child)
+        add(ImageFile(f"{ex.stem}.raw", shared), ex.image.path)
+        if partitions:
+            for part in find_partitions(ex.image):
+                add(ImageFile(f"{ex.stem}-p{part.number}.raw", shared, part.start, part.length),
+                    f"{ex.image.path} partition {part.number}")
+    return files
+
+
+def fuse_options(writable: bool, extra: Iterable[str] = ()) -> set[str]:
+    """Mount options: fsname/subtype identify us in mountinfo; ``ro`` lets the VFS refuse writes."""
+    opts = {"fsname=vhdfs", "subtype=vhdfs", "default_permissions"}
+    if not writable:
+        opts.add("ro")
+    for opt in extra:
+        if opt in ("rw", "ro"):
+            continue
+        opts.add(opt)
+    return opts
+
+
+def serve(files: list[ImageFile], mountpoint: str, *, cache: bool = False,
+          extra_options: Iterable[str] = ()) -> int:
+    """Mount, serve until unmounted or SIGTERM/SIGINT, then flush and close every image.
+
+    Returns 0 only when every image was flushed and closed without error.
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    mountpoint = os.path.abspath(mountpoint)
+    ops = VhdfsOperations(files, cache=cache)
+    writable = any(f.writable for f in files)
+    options = fuse_options(writable, extra_options)
+    log.debug("FUSE options: %s", sorted(options))
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError:
+        _close_images(ops)
+        raise VhdfsError("cannot mount here (see the FUSE message above)", mountpoint) from None
+    served_ok = False
+    try:
+        trio.run(_main, ops, mountpoint, files)
+        served_ok = True
+    except BaseException:
+        log.exception("the FUSE loop stopped unexpectedly")
+    finally:
+        state.sd_notify("STOPPING=1")
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            log.exception("closing the FUSE session")
+    closed_ok = _close_images(ops)
+    ok = served_ok and closed_ok
+    state.write(mountpoint, ".exit", {"pid": os.getpid(), "clean": ok})
+    state.remove(mountpoint, ".json")
+    log.info("unmounted %s (%s)", mountpoint, "clean" if ok else "WITH ERRORS")
+    return 0 if ok else 1
+
+
+async def _main(ops: VhdfsOperations, mountpoint: str, files: list[ImageFile]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals)
+        nursery.start_soon(_announce_ready, ops, mountpoint, files)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """SIGTERM/SIGINT end the FUSE loop; ``serve`` then unmounts and flushes."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(ops: VhdfsOperations, mountpoint: str, files: list[ImageFile]) -> None:
+    """Prove the mount serves (read a byte through it), then record it and send READY=1."""
+    probe = os.path.join(mountpoint, files[0].name) if files else mountpoint
+
+    def read_one() -> None:
+        if files:
+            with open(probe, "rb", buffering=0) as f:
+                f.read(1)
+        else:
+            os.listdir(probe)
+
+    with trio.move_on_after(READY_TIMEOUT) as scope:
+        await trio.to_thread.run_sync(read_one, abandon_on_cancel=True)
+    if scope.cancelled_caught:
+        log.error("the mount did not answer within %.0f s; giving up", READY_TIMEOUT)
+        pyfuse3.terminate()
+        return
+    state.write(mountpoint, ".json", {
+        "pid": os.getpid(), "mountpoint": mountpoint,
+        "images": [s.image.path for s in ops.shared_images],
+        "writable": any(s.writable for s in ops.shared_images),
+    })
+    state.remove(mountpoint, ".exit")
+    state.prune()
+    names = ", ".join(f.name for f in files)
+    log.info("serving %s at %s", names, mountpoint)
+    state.sd_notify(f"READY=1\nSTATUS=serving {names}\nMAINPID={os.getpid()}")
+
+
+def _close_images(ops: VhdfsOperations) -> bool:
+    """Flush and close each image (and delete snapshot temp children); False if any failed."""
+    ok = True
+    for shared in ops.shared_images:
+        try:
+            shared.image.close()
+        except Exception as exc:  # keep closing the others; report at the end
+            ok = False
+            log.error("%s: flush/close failed: %s", shared.image.path, exc)
+        if shared.temp_child:
+            try:
+                os.unlink(shared.temp_child)
+            except OSError as exc:
+                log.warning("%s: cannot remove the snapshot child: %s", shared.temp_child, exc)
+    return ok

@@ -1,0 +1,264 @@
+"""pyfuse3 Operations: one flat directory of raw files, with one error boundary.
+
+Every handler goes through ``_guard``: a ``VhdfsError`` answers its errno, an ``OSError`` its
+own errno, and anything unexpected is logged, answered with EIO and switches the whole mount to
+read-only ("failsafe", as s3ql does) -- because an exception escaping a pyfuse3 handler kills
+the daemon and leaves "Transport endpoint is not connected" behind. Handlers that a flat,
+fixed directory cannot honour (create, unlink, rename ...) answer EROFS/EPERM, never ENOSYS:
+the kernel would remember ENOSYS for the life of the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+
+from ..errors import VhdfsError
+from .image_file import ImageFile, SharedImage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ROOT = pyfuse3.ROOT_INODE
+
+
+def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The single error-mapping wrapper of every FUSE handler."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "VhdfsOperations", *args: Any) -> T:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except VhdfsError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s%r; switching the mount to read-only", fn.__name__, args[:2])
+            self.enter_failsafe()
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class VhdfsOperations(pyfuse3.Operations):
+    """The mount: ``files`` in one root directory, inodes 2, 3, ... in the given order."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, files: Sequence[ImageFile], cache: bool = False) -> None:
+        super().__init__()
+        self.files: dict[int, ImageFile] = {ROOT + 1 + i: f for i, f in enumerate(files)}
+        self.by_name: dict[bytes, int] = {os.fsencode(f.name): ino for ino, f in self.files.items()}
+        self.cache = cache
+        self.failsafe = False
+        # Sizes never change, so even the default mode can keep attributes a while; the cache
+        # mode keeps them long (read-mostly use, fewer getattr round trips).
+        self.attr_timeout = 300.0 if cache else 1.0
+        self.mtime_ns = time.time_ns()
+
+    @property
+    def shared_images(self) -> list[SharedImage]:
+        """Each open image once (partition files share their disk's)."""
+        seen: dict[int, SharedImage] = {}
+        for f in self.files.values():
+            seen.setdefault(id(f.shared), f.shared)
+        return list(seen.values())
+
+    def enter_failsafe(self) -> None:
+        """Refuse every further write: after an unexpected error the metadata may be suspect."""
+        if not self.failsafe:
+            self.failsafe = True
+            for shared in self.shared_images:
+                shared.writable = False
+            log.error("failsafe: the mount is now read-only; unmount and check the image")
+
+    def _file(self, inode: int) -> ImageFile:
+        try:
+            return self.files[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _any_writable(self) -> bool:
+        return any(s.writable for s in self.shared_images)
+
+    async def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.generation = 0
+        entry.entry_timeout = self.attr_timeout
+        entry.attr_timeout = self.attr_timeout
+        entry.st_uid = os.getuid()
+        entry.st_gid = os.getgid()
+        entry.st_blksize = 1 << 20
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self.mtime_ns
+        if inode == ROOT:
+            entry.st_mode = stat.S_IFDIR | 0o755
+            entry.st_nlink = 2
+            entry.st_size = 0
+            entry.st_blocks = 0
+            return entry
+        f = self._file(inode)
+        entry.st_mode = stat.S_IFREG | (0o644 if f.writable else 0o444)
+        entry.st_nlink = 1
+        entry.st_size = f.size
+        entry.st_blocks = (await f.allocated_bytes() + 511) // 512
+        return entry
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return await self._attrs(inode)
+
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return await self._attrs(ROOT)
+        inode = self.by_name.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self._attrs(inode)
+
+    @_guard
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None
+
+    @_guard
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """Timestamps are accepted (``touch`` works) and ignored; size, mode and owner are fixed."""
+        if inode != ROOT:
+            f = self._file(inode)
+            if fields.update_size and attr.st_size != f.size:
+                raise pyfuse3.FUSEError(errno.EROFS if not f.writable else errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return await self._attrs(inode)
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 512
+        st.f_blocks = sum((f.size + 511) // 512 for f in self.files.values())
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.files) + 1
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
+    # -- directory --------------------------------------------------------------------------
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for inode in sorted(self.files):
+            if inode <= start_id:
+                continue
+            name = os.fsencode(self.files[inode].name)
+            if not pyfuse3.readdir_reply(token, name, await self._attrs(inode), inode):
+                break
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # -- files ------------------------------------------------------------------------------
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        f = self._file(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR) and not f.writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM if f.writable else errno.EROFS)
+        # Default: direct_io (1 MiB requests, no double caching under a loop device).
+        # --cache: the kernel page cache keeps what was read across opens.
+        return pyfuse3.FileInfo(fh=inode, direct_io=not self.cache, keep_cache=self.cache)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._file(fh).read(off, size)  # type: ignore[return-value]
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._file(fh).write(off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        await self._file(fh).shared.flush()
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._file(fh).shared.flush()
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if inode != ROOT and mode & os.W_OK and not self._file(inode).writable:
+            return False
+        return True
+
+    # -- a fixed directory: nothing is created, removed or renamed ---------------------------
+
+    def _fixed(self) -> pyfuse3.FUSEError:
+        return pyfuse3.FUSEError(errno.EPERM if self._any_writable() else errno.EROFS)
+
+    @_guard
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+        raise self._fixed()
+
+    @_guard
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Any:
+        raise self._fixed()
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
+        raise self._fixed()
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self._fixed()
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self._fixed()
+
+    @_guard
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        raise self._fixed()
+
+    @_guard
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        raise self._fixed()
+
+    @_guard
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        raise self._fixed()
