@@ -127,16 +127,11 @@ def create_image(
                 kwargs["block_size"] = block_size
             create_vdi(path, size, "static" if type == "fixed" else "dynamic", **kwargs)
     except BaseException as exc:
-        _remove_quietly(path)
+        # The creators open with O_EXCL and remove their own partial file; removing here
+        # could delete a file another process created between our check and theirs.
         if isinstance(exc, ValueError):  # a creator's argument check: the user's input is wrong
             raise UsageError(str(exc), path) from None
         if isinstance(exc, OSError) and not isinstance(exc, VhdfsError):
             raise VhdfsError(f"cannot create: {exc.strerror or exc}", path) from None
         raise
 
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

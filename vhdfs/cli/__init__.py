@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vhdfs: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # ``vhdfs info | head``: the reader left; say nothing, like any Unix filter.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("vhdfs: interrupted", file=sys.stderr)
         return 130
