@@ -46,6 +46,15 @@ def probe_format(path: str) -> str:
     for fmt in DRIVERS:
         if _driver(fmt).probe(head, tail, size):
             return fmt
+    for fmt in DRIVERS:  # slower second looks (e.g. a footer followed by padding)
+        probe_slow = getattr(_driver(fmt), "probe_slow", None)
+        if probe_slow is not None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if probe_slow(fd, size):
+                    return fmt
+            finally:
+                os.close(fd)
     raise FormatError("not a VHD or VDI image (no VHD footer, no VDI signature)", path)
 
 

@@ -8,8 +8,9 @@ low-level decoding error on corrupt input is turned into a one-line ``FormatErro
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import FormatError, ReadOnlyError, UnsupportedError, VhdfsError, warn
 from ..format import vhd as fmt
@@ -19,6 +20,7 @@ from .vhd_layout import load_layout, parent_ref
 from .vhd_sparse import SparseVhd, write_parts
 
 MAX_FINDINGS = 50
+TRAILING_SCAN = 4 * 1024 * 1024  # how far back from the end to look for a padded footer
 
 
 def probe(head: bytes, tail: bytes, file_size: int) -> bool:
@@ -29,6 +31,37 @@ def probe(head: bytes, tail: bytes, file_size: int) -> bool:
         return True
     return (len(head) >= fmt.FOOTER_SIZE and head[:8] == fmt.FOOTER_COOKIE
             and head[0x3C:0x40] in (b"\0\0\0\3", b"\0\0\0\4"))
+
+
+def probe_slow(fd: int, file_size: int) -> bool:
+    """Second look for a footer followed by junk (copy tools pad files); see ``find_footer``."""
+    try:
+        return find_footer(lambda n, off: os.pread(fd, n, off), file_size) is not None
+    except (OSError, struct.error, ValueError):
+        return False
+
+
+def find_footer(pread: Callable[[int, int], bytes], file_size: int) -> int | None:
+    """Offset of the last valid footer in the file's last few MiB, on a sector boundary.
+
+    Only used when no footer sits at the very end: the offset-0 copy of a dynamic disk is not
+    counted (the caller handles it), and a candidate must carry a correct checksum.
+    """
+    start = max(fmt.SECTOR, file_size - TRAILING_SCAN - fmt.FOOTER_SIZE)
+    start -= start % fmt.SECTOR
+    if start >= file_size:
+        return None
+    buf = pread(file_size - start, start)
+    pos = len(buf) - fmt.FOOTER_SIZE + 1
+    while pos > 0:
+        pos = buf.rfind(fmt.FOOTER_COOKIE, 0, pos + len(fmt.FOOTER_COOKIE) - 1)
+        if pos < 0:
+            return None
+        off = start + pos
+        if off % fmt.SECTOR == 0 and pos + fmt.FOOTER_SIZE <= len(buf):
+            if fmt.parse_footer(buf[pos:pos + fmt.FOOTER_SIZE]).checksum_ok:
+                return off
+    return None
 
 
 def open_layer(path: str, options: OpenOptions) -> Image:
@@ -61,6 +94,12 @@ def _read_footer(f: RawFile, size: int) -> tuple[fmt.Footer, int, str, list[str]
         if raw[:8] == fmt.FOOTER_COOKIE:
             tail, tail_off = fmt.parse_footer(raw), size - length
             break
+    else:
+        found = find_footer(f.pread, size)
+        if found is not None:
+            tail, tail_off = fmt.parse_footer(f.pread(fmt.FOOTER_SIZE, found)), found
+            findings.append(f"{size - found - fmt.FOOTER_SIZE} bytes of trailing data after the "
+                            f"footer at offset {found} (ignored)")
     head_raw = f.pread(fmt.FOOTER_SIZE, 0)
     head = fmt.parse_footer(head_raw) if head_raw[:8] == fmt.FOOTER_COOKIE else None
     head_ok = head is not None and head.checksum_ok and head.disk_type in (3, 4)

@@ -221,11 +221,22 @@ class SparseVhd(Image):
         if entry == fmt.UNUSED_BAT:
             self._allocate(i, s0, s1, a - bstart, head, mid, mid_len, tail)
             return
-        write_parts(self.file, [head, mid_len if mid is None else mid, tail], self._data_offset(i, a))
-        self.file.sync()  # data before bitmap: a crash leaves old content visible, never junk
+        parts = [head, mid_len if mid is None else mid, tail]
         bm = bytearray(self._bitmap(i) or b"\xff" * self.bitmap_bytes)
         b0, b1 = set_bits(bm, s0, s1)
-        self.file.pwrite(bm[b0:b1], entry * fmt.SECTOR + b0)
+        if self.differencing:
+            # Data, then bits: a crash in between leaves the bit clear and the parent's old
+            # data showing, which is consistent.
+            write_parts(self.file, parts, self._data_offset(i, a))
+            self.file.sync()
+            self.file.pwrite(bm[b0:b1], entry * fmt.SECTOR + b0)
+        else:
+            # Bits, then data: under a clear bit a dynamic disk holds zeros (the spec requires
+            # it, and QEMU reads the data area whatever the bitmap says). Setting the bit first
+            # keeps that true across a crash: the sector then shows its old content, zeros.
+            self.file.pwrite(bm[b0:b1], entry * fmt.SECTOR + b0)
+            self.file.sync()
+            write_parts(self.file, parts, self._data_offset(i, a))
         self._remember(i, None if all_set(bm, 0, self.block_size // fmt.SECTOR) else bytes(bm))
 
     def _merge_edges(self, a: int, e: int, pos: int, n: int, chunk: memoryview | None
