@@ -158,6 +158,10 @@ def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
                 continue
             problems.append(str(exc))
             continue
+        if parent.format != ref.format:
+            problems.append(f"{cand} is a {parent.format} image; a {ref.format} child needs a {ref.format} parent")
+            parent.close()
+            continue
         if ref.matches(parent) or (options.ignore_parent_id and not ref.match_by_id_in_dirs):
             return parent
         mismatches.append(f"{cand} has id {parent.identity()}")

@@ -73,7 +73,7 @@ def _check_map_fits(h: fmt.VdiHeader, bmap: array, top: int, file_size: int) -> 
     end = h.offset_data + top * h.block_stride + h.block_extra + needed
     if needed and end > file_size:
         raise FormatError(
-            f"block map entry {block} points to data at {end - needed}, past the end of the file ({file_size})")
+            f"block map entry {block} points to data at {end - needed}-{end}, past the end of the file ({file_size})")
 
 
 def _highest_used(bmap: array) -> int:

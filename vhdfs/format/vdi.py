@@ -165,7 +165,7 @@ def _validate(h: VdiHeader, file_size: int) -> None:
     if h.image_type not in TYPE_NAMES:
         raise UnsupportedError(f"VDI image type {h.image_type} is not supported (known: 1, 2, 4)")
     if not _is_power_of_two(h.block_size) or not MIN_BLOCK_SIZE <= h.block_size <= MAX_BLOCK_SIZE:
-        raise FormatError(f"VDI block size {h.block_size} is not a power of two between 512 and 128 MiB")
+        raise FormatError(f"VDI block size {h.block_size} must be a power of two between 512 and 128 MiB")
     if h.block_extra > MAX_BLOCK_SIZE:
         raise FormatError(f"VDI block extra {h.block_extra} is absurd (more than 128 MiB)")
     if h.blocks_in_image > MAX_BLOCK_INDEX:

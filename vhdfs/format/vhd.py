@@ -310,7 +310,7 @@ def parse_header(buf: bytes) -> DynamicHeader:
 def check_block_size(block_size: int) -> None:
     """Refuse block sizes that are not a power of two in [512, 2 GiB) (FORMATS.md §7)."""
     if block_size < SECTOR or block_size & (block_size - 1) or block_size >= 1 << 31:
-        raise FormatError(f"block size {block_size} is not a power of two between 512 B and 1 GiB")
+        raise FormatError(f"block size {block_size} must be a power of two between 512 B and 1 GiB")
 
 
 def bitmap_size(block_size: int) -> int:
