@@ -28,9 +28,11 @@ START_TIMEOUT = 60.0
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mount", help="expose images as raw files in a folder (FUSE)",
+                       usage="vhdfs mount [options] IMAGE [IMAGE ...] MOUNTPOINT",
                        description="Mount IMAGE... at MOUNTPOINT: each image appears as <stem>.raw, "
                                    "each of its partitions as <stem>-p<N>.raw. Read-only unless -w.")
-    p.add_argument("paths", nargs="+", metavar="IMAGE ... MOUNTPOINT")
+    p.add_argument("paths", nargs="+", metavar="IMAGE",
+                   help="one or more images, then the mountpoint (an existing empty folder)")
     p.add_argument("-w", "--rw", action="store_true", help="allow writes to the images")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
