@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..errors import FormatError, ReadOnlyError, UnsupportedError
+from .raw_io import RawFile
 
 
 class Kind(enum.IntEnum):
@@ -105,6 +106,7 @@ class Image(abc.ABC):
 
     format: str = "?"
     type: str = "?"
+    file: "RawFile | None" = None  # the layer's one image file, for the default flush/close
 
     def __init__(self, path: str, size: int, writable: bool) -> None:
         self.path = os.path.abspath(path)
@@ -132,12 +134,15 @@ class Image(abc.ABC):
     def identity(self) -> str:
         """The UUID children use to name this image (printable form)."""
 
-    @abc.abstractmethod
     def _close_files(self) -> None:
         """Close this layer's files (not the backing image)."""
+        if self.file is not None:
+            self.file.close()
 
     def flush(self) -> None:
         """Make everything written so far durable in the image file."""
+        if self.writable and self.file is not None and self.file.fd >= 0:
+            self.file.sync()
 
     def describe(self) -> dict[str, Any]:
         """Format details for ``vhdfs info`` (this layer only)."""

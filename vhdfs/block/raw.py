@@ -27,9 +27,3 @@ class RawImage(Image):
 
     def identity(self) -> str:
         return ""
-
-    def flush(self) -> None:
-        self.file.sync()
-
-    def _close_files(self) -> None:
-        self.file.close()

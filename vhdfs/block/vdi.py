@@ -296,12 +296,6 @@ class VdiImage(Image):
     def identity(self) -> str:
         return str(self.header.uuid_create)
 
-    def flush(self) -> None:
-        if self.writable and self.file.fd >= 0:
-            self.file.sync()
-
-    def _close_files(self) -> None:
-        self.file.close()
 
     def allocated_blocks(self) -> int:
         return len(self.bmap) - self.bmap.count(fmt.BLOCK_ZERO) - self.bmap.count(fmt.BLOCK_FREE)

@@ -236,15 +236,8 @@ class FixedVhd(Image):
         if stop > offset:
             write_parts(self.file, [stop - offset], offset)
 
-    def flush(self) -> None:
-        if self.writable:
-            self.file.sync()
-
     def identity(self) -> str:
         return fmt.uuid_str(self.footer.unique_id)
-
-    def _close_files(self) -> None:
-        self.file.close()
 
     def describe(self) -> dict[str, Any]:
         out = describe_footer(self.footer, self.size_rule, "tail")

@@ -373,15 +373,8 @@ class SparseVhd(Image):
         self.bat[i] = fmt.UNUSED_BAT
         self._forget(i)
 
-    def flush(self) -> None:
-        if self.writable:
-            self.file.sync()
-
     def identity(self) -> str:
         return fmt.uuid_str(self.footer.unique_id)
-
-    def _close_files(self) -> None:
-        self.file.close()
 
     def allocated_blocks(self) -> int:
         return sum(1 for e in self.bat if e != fmt.UNUSED_BAT)
