@@ -23,7 +23,12 @@ def human_size(n: int) -> str:
     value = float(n)
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
-            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}".replace(".0 ", " ")
+            if unit == "bytes":
+                return f"{n} bytes"
+            text = f"{value:.1f}"
+            if text.endswith(".0") and value != int(value):
+                text = f"{value:.2f}"  # 2040 GiB is 1.99 TiB, not "2 TiB"
+            return f"{text} {unit}".replace(".0 ", " ")
         value /= 1024
     return f"{n} bytes"  # pragma: no cover
 
