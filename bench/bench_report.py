@@ -1,0 +1,267 @@
+"""Rows, cells, the text table with ratio columns, the target checks and the JSON dump."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    unit: str            # "MB/s" | "IOPS" | "s" | "MiB"
+    higher_better: bool = True
+
+
+@dataclass
+class Cell:
+    values: list[float] = field(default_factory=list)
+    note: str | None = None      # "n/a: ..." or "FAILED: ..." when there are no values
+    flags: list[str] = field(default_factory=list)   # footnotes (e.g. "first 64 MiB")
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    @property
+    def spread(self) -> float | None:
+        """Half the min-max range, as a fraction of the median."""
+        if len(self.values) < 2 or not self.median:
+            return None
+        return (max(self.values) - min(self.values)) / 2 / self.median
+
+    def as_json(self) -> dict:
+        return {"median": self.median, "spread": self.spread, "runs": self.values,
+                "note": self.note, "flags": self.flags}
+
+
+ROWS = [
+    Row("seq_dd_warm", "seq read 1M, dd, dyn VHD, warm", "MB/s"),
+    Row("seq_dd_cold", "seq read 1M, dd, dyn VHD, cold", "MB/s"),
+    Row("seq_ddd_warm", "seq read 1M, dd iflag=direct, warm", "MB/s"),
+    Row("seq_ddd_cold", "seq read 1M, dd iflag=direct, cold", "MB/s"),
+    Row("seq_fixed_warm", "seq read 1M, dd, fixed VHD, warm", "MB/s"),
+    Row("seq_diff1_warm", "seq read 1M, dd, diff depth 1, warm", "MB/s"),
+    Row("seq_diff8_warm", "seq read 1M, dd, diff depth 8, warm", "MB/s"),
+    Row("seq_vdi_warm", "seq read 1M, dd, VDI, warm", "MB/s"),
+    Row("rr_qd1_warm", "rand read 4K QD1, fio, warm", "IOPS"),
+    Row("rr_qd1_cold", "rand read 4K QD1, fio, cold", "IOPS"),
+    Row("rr_qd16_warm", "rand read 4K QD16, fio, warm", "IOPS"),
+    Row("rr_qd16_cold", "rand read 4K QD16, fio, cold", "IOPS"),
+    Row("sw_new", "seq write 1M into new dyn VHD +fsync", "MB/s"),
+    Row("sw_child", "seq write 1M into new diff child +fsync", "MB/s"),
+    Row("rw_fsync64", "rand write 4K, fdatasync/64, dyn VHD", "IOPS"),
+    Row("fs_write", "ext4 on loop: mkfs+untar 5k files+sync", "s", False),
+    Row("fs_read", "ext4 on loop: tar 5k files back, cold", "s", False),
+    Row("sparse_mount", "2040 GiB sparse VHD: launch -> file visible", "s", False),
+    Row("sparse_ttfb", "2040 GiB sparse VHD: launch -> first 4K read", "s", False),
+    Row("sparse_rss", "2040 GiB sparse VHD: daemon RSS", "MiB", False),
+]
+ROW = {r.key: r for r in ROWS}
+
+# (column key, header) of the systems, in table order
+SYSTEM_COLUMNS = [("bare", "bare"), ("pt", "pyfuse3"), ("pt-cache", "pyfuse3-c"),
+                  ("vhdfs", "vhdfs"), ("vhdfs-cache", "vhdfs-c"), ("qsd", "qsd"),
+                  ("vhdimount", "vhdimount")]
+# ratio columns: (header, vhdfs column, peer column); "best" = the better vhdfs mode
+RATIO_COLUMNS = [("v/pyf", "vhdfs", "pt"), ("vc/pyfc", "vhdfs-cache", "pt-cache"),
+                 ("v*/qsd", "best", "qsd"), ("v*/vhdi", "best", "vhdimount"),
+                 ("v*/bare", "best", "bare")]
+
+
+def fmt_value(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "MB/s":
+        return f"{v / 1000:.2f}G" if v >= 1000 else f"{v:.0f}M"
+    if unit == "IOPS":
+        return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
+    if unit == "s":
+        return f"{v * 1000:.0f}ms" if v < 10 else f"{v:.1f}s"
+    if unit == "MiB":
+        return f"{v:.0f}M"
+    return f"{v:.3g}"
+
+
+def fmt_cell(c: Cell | None, unit: str, notes: dict[str, int]) -> str:
+    if c is None:
+        return "-"
+    if c.median is None:
+        text = c.note or "n/a"
+        if text not in notes:
+            notes[text] = len(notes) + 1
+        return f"n/a[{notes[text]}]" if not text.startswith("FAILED") else f"FAIL[{notes[text]}]"
+    s = fmt_value(c.median, unit)
+    if c.spread is not None:
+        s += f"±{c.spread * 100:.0f}%"
+    for fl in c.flags:
+        if fl not in notes:
+            notes[fl] = len(notes) + 1
+        s += f"[{notes[fl]}]"
+    return s
+
+
+def goodness(row: Row, v: float | None) -> float | None:
+    if v is None or v <= 0:
+        return None
+    return v if row.higher_better else 1.0 / v
+
+
+def ratio(row: Row, cells: dict[str, Cell], vkey: str, peer: str) -> tuple[float | None, str]:
+    """vhdfs over peer as "how many times better" (time/RSS rows: peer / vhdfs)."""
+    mark = ""
+    if vkey == "best":
+        cand = [(goodness(row, cells[k].median), k) for k in ("vhdfs", "vhdfs-cache")
+                if k in cells and goodness(row, cells[k].median) is not None]
+        if not cand:
+            return None, ""
+        g, k = max(cand)
+        mark = "c" if k == "vhdfs-cache" else ""
+    else:
+        g = goodness(row, cells[vkey].median) if vkey in cells else None
+    p = goodness(row, cells[peer].median) if peer in cells else None
+    if g is None or p is None:
+        return None, ""
+    return g / p, mark
+
+
+def table(results: dict[str, dict[str, Cell]], header: list[str]) -> str:
+    notes: dict[str, int] = {}
+    cols = ["workload"] + [h for _, h in SYSTEM_COLUMNS] + [h for h, _, _ in RATIO_COLUMNS]
+    lines = []
+    for row in ROWS:
+        cells = results.get(row.key, {})
+        line = [f"{row.label} ({row.unit})"]
+        line += [fmt_cell(cells.get(k), row.unit, notes) for k, _ in SYSTEM_COLUMNS]
+        for _, vkey, peer in RATIO_COLUMNS:
+            r, mark = ratio(row, cells, vkey, peer)
+            line.append("-" if r is None else f"{r:.2f}{mark}")
+        lines.append(line)
+    widths = [max(len(x[i]) for x in lines + [cols]) for i in range(len(cols))]
+    out = list(header)
+    out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                         for i, c in enumerate(cols)))
+    out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    for line in lines:
+        out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                             for i, c in enumerate(line)))
+    out.append("")
+    out.append("Cells: median of the runs ± half their min-max range. Ratios: how many times better "
+               "vhdfs is (time/RSS rows: peer ÷ vhdfs); v = vhdfs default (direct_io) vs pyfuse3 "
+               "(direct_io), vc = both --cache (keep_cache); v* = the better vhdfs mode "
+               "(suffix c: --cache).")
+    for text, n in notes.items():
+        out.append(f"[{n}] {text}")
+    return "\n".join(out)
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+def _m(results, row, key):
+    c = results.get(row, {}).get(key)
+    return c.median if c else None
+
+
+def targets(results: dict[str, dict[str, Cell]]) -> list[dict]:
+    out = []
+
+    def check(name: str, value: float | None, bound: float, how: str, detail: str = "",
+              lower: bool = False) -> None:
+        if value is None:
+            status = "n/a"
+        else:
+            ok = value < bound if lower else value >= bound
+            status = "holds" if ok else "MISSED"
+        out.append({"target": name, "value": value, "bound": bound, "status": status,
+                    "how": how, "detail": detail})
+
+    def ratio_of(row, vkey, peer):
+        return ratio(ROW[row], results.get(row, {}), vkey, peer)
+
+    r, _ = ratio_of("seq_dd_warm", "vhdfs", "pt")
+    check("seq read dyn VHD warm >= 0.9x pyfuse3 ceiling (default/direct_io mode)", r, 0.9, "ratio")
+    r, _ = ratio_of("seq_dd_warm", "vhdfs-cache", "pt-cache")
+    check("seq read dyn VHD warm >= 0.9x pyfuse3 ceiling (--cache mode)", r, 0.9, "ratio")
+    def via(row, peer, m):
+        d, _ = ratio_of(row, "vhdfs", peer)
+        return ("via --cache" if m else "via default mode") + \
+            (f"; default mode {d:.2f}x" if m and d is not None else "")
+
+    r, m = ratio_of("seq_dd_warm", "best", "qsd")
+    check("seq read dyn VHD warm >= 1.0x qemu-storage-daemon", r, 1.0, "ratio",
+          via("seq_dd_warm", "qsd", m))
+    r, m = ratio_of("seq_dd_warm", "best", "vhdimount")
+    check("seq read dyn VHD warm >= 3x vhdimount", r, 3.0, "ratio",
+          via("seq_dd_warm", "vhdimount", m))
+    d1, d8 = _m(results, "seq_diff1_warm", "vhdfs"), _m(results, "seq_diff8_warm", "vhdfs")
+    check("seq read diff depth 8 >= 0.7x depth 1 (vhdfs default)",
+          d8 / d1 if d1 and d8 else None, 0.7, "ratio")
+    d1, d8 = _m(results, "seq_diff1_warm", "vhdfs-cache"), _m(results, "seq_diff8_warm", "vhdfs-cache")
+    check("seq read diff depth 8 >= 0.7x depth 1 (vhdfs --cache)",
+          d8 / d1 if d1 and d8 else None, 0.7, "ratio")
+    r, m = ratio_of("rr_qd16_warm", "best", "qsd")
+    check("rand read 4K QD16 warm >= 1.0x qemu-storage-daemon", r, 1.0, "ratio",
+          via("rr_qd16_warm", "qsd", m))
+    r, _ = ratio_of("sw_new", "vhdfs", "pt")
+    check("seq write new dyn VHD >= 0.7x pyfuse3 ceiling's write (default mode)", r, 0.7, "ratio")
+    r, m = ratio_of("sw_new", "best", "qsd")
+    check("seq write new dyn VHD >= 1.0x qemu-storage-daemon writable", r, 1.0, "ratio",
+          via("sw_new", "qsd", m))
+    check("2040 GiB sparse VHD mounted and readable < 0.3 s (vhdfs default, launch -> 4K read)",
+          _m(results, "sparse_ttfb", "vhdfs"), 0.3, "s", lower=True)
+    check("2040 GiB sparse VHD daemon RSS < 60 MiB (vhdfs default)",
+          _m(results, "sparse_rss", "vhdfs"), 60.0, "MiB", lower=True)
+    return out
+
+
+def targets_text(ts: list[dict]) -> str:
+    lines = ["Targets:"]
+    for t in ts:
+        v = t["value"]
+        if v is None:
+            val = "no figure"
+        elif t["how"] == "ratio":
+            val = f"{v:.2f}x"
+        elif t["how"] == "s":
+            val = f"{v * 1000:.0f} ms"
+        else:
+            val = f"{v:.1f} {t['how']}"
+        extra = f" ({t['detail']})" if t["detail"] and v is not None else ""
+        lines.append(f"  [{t['status']:>6}] {t['target']}: {val}{extra}")
+    return "\n".join(lines)
+
+
+def dump_json(path: str, meta: dict, results: dict[str, dict[str, Cell]], ts: list[dict],
+              text: str) -> None:
+    doc = {
+        "meta": meta,
+        "rows": [{"key": r.key, "label": r.label, "unit": r.unit, "higher_better": r.higher_better,
+                  "cells": {k: c.as_json() for k, c in results.get(r.key, {}).items()},
+                  "ratios": {h: ratio(r, results.get(r.key, {}), v, p)[0]
+                             for h, v, p in RATIO_COLUMNS}}
+                 for r in ROWS],
+        "targets": ts,
+        "table": text,
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+def load_json(path: str) -> tuple[dict, dict[str, dict[str, Cell]]]:
+    """Figures of an earlier ``--json`` run, to re-render the table without re-measuring."""
+    with open(path) as f:
+        doc = json.load(f)
+    results = {r["key"]: {k: Cell(values=c["runs"], note=c["note"], flags=c["flags"])
+                          for k, c in r["cells"].items()} for r in doc["rows"]}
+    return doc["meta"], results
+
+
+def json_header(path: str) -> list[str]:
+    """The header lines of an earlier run's table (everything above the column titles)."""
+    with open(path) as f:
+        text = json.load(f)["table"]
+    lines = text.splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+    return lines[:end]
