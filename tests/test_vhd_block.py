@@ -147,24 +147,48 @@ def test_fixed_random_writes_match_shadow_and_qemu(writes: list, discard: tuple 
     _random_writes_vs_shadow("fixed", 2 * MiB, writes, discard)
 
 
-def test_dynamic_bits_follow_written_sectors_and_in_place_detection(tmp_path: Path) -> None:
+def test_dynamic_allocation_sets_every_bit_so_later_writes_are_in_place(tmp_path: Path) -> None:
     path = tmp_path / "d.vhd"
     create_vhd(path, 4 * MiB, "dynamic")
     with open_image(path, writable=True) as img:
         assert not img.write_is_in_place(0, 512)
-        img.write(1000, b"x" * 20)             # sector 1 only, partial: merged with zeros
+        img.write(1000, b"x" * 20)             # allocates block 0, zero-filled, every bit set
         exts = list(img.map_layer(0, 2 * MiB))
-        assert [(e.offset, e.length, e.kind) for e in exts] == [
-            (0, 512, Kind.ZERO), (512, 512, Kind.DATA), (1024, 2 * MiB - 1024, Kind.ZERO)]
-        assert img.write_is_in_place(600, 300) and not img.write_is_in_place(0, 1024)
+        assert [(e.offset, e.length, e.kind) for e in exts] == [(0, 2 * MiB, Kind.DATA)]
+        assert img.write_is_in_place(0, 2 * MiB) and not img.write_is_in_place(0, 2 * MiB + 1)
         assert img.read(512, 512) == bytes(488) + b"x" * 20 + bytes(4)
+        assert img.read(0, 512) == bytes(512)
         size_before = path.stat().st_size
-        img.write(1500, b"y")                  # bitmap change only, no allocation
+        img.write(1500, b"y")                  # no allocation, no metadata
         assert path.stat().st_size == size_before
         img.discard(0, 2 * MiB)                # whole block: back to unallocated
         assert list(img.map_layer(0, 2 * MiB))[0].kind == Kind.ZERO
         assert img.read(0, 4096) == bytes(4096)
     assert qemu_raw(path, tmp_path / "o.raw") == bytes(4 * MiB)
+
+
+def test_dynamic_clear_bits_read_as_zeros_and_are_set_when_written(tmp_path: Path) -> None:
+    """Images from other tools may have clear bits over non-zero bytes: those read as zeros."""
+    import struct
+    path = tmp_path / "d.vhd"
+    create_vhd(path, 4 * MiB, "dynamic")
+    with open_image(path, writable=True) as img:
+        img.write(0, b"\x11" * (2 * MiB))
+    with open(path, "r+b") as f:
+        f.seek(1536)
+        bitmap_at = struct.unpack(">I", f.read(4))[0] * 512
+        f.seek(bitmap_at)
+        f.write(b"\x00")                      # sectors 0-7: bits clear, bytes still 0x11
+    with open_image(path, writable=True) as img:
+        exts = list(img.map_layer(0, 2 * MiB))
+        assert [(e.offset, e.length, e.kind) for e in exts] == [
+            (0, 4096, Kind.ZERO), (4096, 2 * MiB - 4096, Kind.DATA)]
+        assert img.read(0, 4096) == bytes(4096)
+        assert not img.write_is_in_place(0, 512) and img.write_is_in_place(4096, 512)
+        img.write(100, b"z")                   # merged with zeros, not with the stale 0x11
+        assert img.read(0, 512) == bytes(100) + b"z" + bytes(411)
+        assert img.read(512, 3584) == bytes(3584)
+        assert img.check() == []
 
 
 def test_new_blocks_never_overwrite_locators_before_the_bat(tmp_path: Path) -> None:

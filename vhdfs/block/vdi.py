@@ -230,7 +230,8 @@ class VdiImage(Image):
             self.file.sync()
             self.file.pwrite(_U32.pack(max(h.blocks_allocated, index + 1)), fmt.BLOCKS_ALLOCATED_OFFSET)
             self.file.pwrite(_U32.pack(index), h.offset_bmap + 4 * block)
-            self.file.sync()
+            # No sync here: the data is durable before the entry is written, which is all the
+            # ordering needs; the next allocation's sync or flush() makes the entry durable.
             self.bmap[block] = index
             h.blocks_allocated = max(h.blocks_allocated, index + 1)
             self._next_index = index + 1
@@ -299,6 +300,9 @@ class VdiImage(Image):
 
     def allocated_blocks(self) -> int:
         return len(self.bmap) - self.bmap.count(fmt.BLOCK_ZERO) - self.bmap.count(fmt.BLOCK_FREE)
+
+    def allocated_bytes(self) -> int:
+        return min(self.size, self.allocated_blocks() * self.block_size)
 
     def describe(self) -> dict[str, Any]:
         h = self.header

@@ -276,14 +276,28 @@ class SparseVhd(Image):
 
     def _allocate(self, i: int, s0: int, s1: int, rel: int, head: bytes, mid: memoryview | None,
                   mid_len: int, tail: bytes) -> None:
-        """Crash-safe allocation (FORMATS.md §3.3): footer, bitmap+data, sync, BAT, sync."""
+        """Crash-safe allocation (FORMATS.md §3.3): footer, bitmap+data, sync, BAT entry.
+
+        The BAT entry is written only once the block is durable, so whatever reaches the disk
+        first, no entry ever points at unwritten space. It needs no sync of its own: the next
+        allocation's sync or the next ``flush`` makes it durable, and until a flush nothing
+        was promised.
+        """
         pos = self._alloc_position()
         new_footer = pos + self.bitmap_bytes + self.block_size
         if pos // fmt.SECTOR > fmt.MAX_BAT_SECTOR:
             raise FormatError("image file would grow past 2 TiB (VHD sector numbers are 32-bit)", self.path)
         self._clear_batmap_bit(i)
-        bitmap = bytearray(self.bitmap_bytes)
-        set_bits(bitmap, s0, s1)
+        if self.differencing:
+            bitmap = bytearray(self.bitmap_bytes)   # only written sectors hide the parent
+            set_bits(bitmap, s0, s1)
+        else:
+            # The whole block is zeros on disk (a hole past the old EOF, old bytes zeroed
+            # below), so every bit can be set now, as QEMU does: later writes into this block
+            # are then in place, with no bitmap update and no lock.
+            bitmap = bytearray(self.bitmap_bytes)
+            inside = min(self.block_size, self.size - i * self.block_size)  # last block: partial
+            set_bits(bitmap, 0, -(-inside // fmt.SECTOR))
         # 1) a valid footer at the new end of file, so EOF always holds one
         self.file.pwrite(self.footer.pack(), new_footer)
         # 2) bitmap + data. Space past the old EOF is a hole (reads zeros); old bytes inside the
@@ -307,9 +321,8 @@ class SparseVhd(Image):
             write_parts(self.file, [head, mid, tail], data_at)
         # 3) durable before anything points at it
         self.file.sync()
-        # 4) the single BAT entry, 5) durable
+        # 4) the single BAT entry (durable at the next sync)
         self.file.pwrite(struct.pack(">I", pos // fmt.SECTOR), self.header.table_offset + 4 * i)
-        self.file.sync()
         # publish
         self._remember(i, None if all_set(bitmap, 0, self.block_size // fmt.SECTOR) else bytes(bitmap))
         self.bat[i] = pos // fmt.SECTOR
@@ -377,7 +390,11 @@ class SparseVhd(Image):
         return fmt.uuid_str(self.footer.unique_id)
 
     def allocated_blocks(self) -> int:
-        return sum(1 for e in self.bat if e != fmt.UNUSED_BAT)
+        return len(self.bat) - self.bat.count(fmt.UNUSED_BAT)
+
+    def allocated_bytes(self) -> int:
+        """Allocated blocks times the block size (capped): O(1)-ish, so a 2 TiB image mounts fast."""
+        return min(self.size, self.allocated_blocks() * self.block_size)
 
     def describe(self) -> dict[str, Any]:
         from .vhd import describe_footer
