@@ -498,6 +498,15 @@ def _err(path: Path) -> Built:
     return Built(path)
 
 
+def _patched(make, patch, **fields):  # noqa: ANN001, ANN202 - a builder factory
+    """A builder: a fresh image from ``make``, with ``patch`` applied to the given fields."""
+    def build(d: Path, c: object) -> Built:
+        info = make(d)
+        patch(info.path, **fields)
+        return _err(info.path)
+    return build
+
+
 def _b_zero(d, c):
     p = d / "empty.vhd"
     p.write_bytes(b"")
@@ -560,10 +569,7 @@ def _b_tiny(d, c):
     return _err(i.path)
 
 
-def _b_dyn_cookie_both(d, c):
-    i = _dyn(d)
-    patch_vhd_footer(i.path, cookie=b"conectiX")
-    return _err(i.path)
+_b_dyn_cookie_both = _patched(_dyn, patch_vhd_footer, cookie=b"conectiX")
 
 
 def _b_dyn_cookie_tail(d, c):
@@ -572,10 +578,7 @@ def _b_dyn_cookie_tail(d, c):
     return _ok(i.path, DYN_RAW)
 
 
-def _b_dyn_header_cookie(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, cookie=b"cxsparsX")
-    return _err(i.path)
+_b_dyn_header_cookie = _patched(_dyn, patch_vhd_header, cookie=b"cxsparsX")
 
 
 def _b_fixed_cookie(d, c):
@@ -653,10 +656,7 @@ def _b_bat_into_header(d, c):
     return Built(i.path)
 
 
-def _b_bat_2_32(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, max_table_entries=0xFFFFFFFF)
-    return _err(i.path)
+_b_bat_2_32 = _patched(_dyn, patch_vhd_header, max_table_entries=0xFFFFFFFF)
 
 
 def _b_corpus_bat_2_32(d, c):
@@ -665,58 +665,15 @@ def _b_corpus_bat_2_32(d, c):
     return _err(p)
 
 
-def _b_bat_too_few(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, max_table_entries=1)
-    return _err(i.path)
-
-
-def _b_bat_zero(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, max_table_entries=0)
-    return _err(i.path)
-
-
-def _b_block_2_31(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, block_size=1 << 31)
-    return _err(i.path)
-
-
-def _b_block_not_pow2(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, block_size=3 * MiB)
-    return _err(i.path)
-
-
-def _b_block_zero(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, block_size=0)
-    return _err(i.path)
-
-
-def _b_header_offset_far(d, c):
-    i = _dyn(d)
-    patch_vhd_footer(i.path, data_offset=1 << 62)
-    return _err(i.path)
-
-
-def _b_header_offset_max(d, c):
-    i = _dyn(d)
-    patch_vhd_footer(i.path, data_offset=0xFFFFFFFFFFFFFFFF)
-    return _err(i.path)
-
-
-def _b_bat_offset_past_eof(d, c):
-    i = _dyn(d)
-    patch_vhd_header(i.path, table_offset=1 << 40)
-    return _err(i.path)
-
-
-def _b_vsize_huge(d, c):
-    i = _dyn(d)
-    patch_vhd_footer(i.path, current_size=0xFFFFFFFFFFFFFE00)
-    return _err(i.path)
+_b_bat_too_few = _patched(_dyn, patch_vhd_header, max_table_entries=1)
+_b_bat_zero = _patched(_dyn, patch_vhd_header, max_table_entries=0)
+_b_block_2_31 = _patched(_dyn, patch_vhd_header, block_size=1 << 31)
+_b_block_not_pow2 = _patched(_dyn, patch_vhd_header, block_size=3 * MiB)
+_b_block_zero = _patched(_dyn, patch_vhd_header, block_size=0)
+_b_header_offset_far = _patched(_dyn, patch_vhd_footer, data_offset=1 << 62)
+_b_header_offset_max = _patched(_dyn, patch_vhd_footer, data_offset=0xFFFFFFFFFFFFFFFF)
+_b_bat_offset_past_eof = _patched(_dyn, patch_vhd_header, table_offset=1 << 40)
+_b_vsize_huge = _patched(_dyn, patch_vhd_footer, current_size=0xFFFFFFFFFFFFFE00)
 
 
 def _b_fixed_vsize_larger(d, c):
@@ -726,10 +683,7 @@ def _b_fixed_vsize_larger(d, c):
     return _err(p)
 
 
-def _b_disk_type_5(d, c):
-    i = _dyn(d)
-    patch_vhd_footer(i.path, disk_type=5)
-    return _err(i.path)
+_b_disk_type_5 = _patched(_dyn, patch_vhd_footer, disk_type=5)
 
 
 def _b_disk_type_0(d, c):
@@ -834,10 +788,7 @@ def _b_diff_parent_broken(d, c):
     return _err(child.path)
 
 
-def _b_vdi_signature(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, signature=0xBEDA1070)
-    return _err(i.path)
+_b_vdi_signature = _patched(_vdi, patch_vdi, signature=0xBEDA1070)
 
 
 def _b_vdi_corpus_signature(d, c):
@@ -864,46 +815,13 @@ def _b_vdi_trunc_data(d, c):
     return _err(i.path)
 
 
-def _b_vdi_map_past_eof(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, offset_blocks=0x7FFFFE00)
-    return _err(i.path)
-
-
-def _b_vdi_data_past_eof(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, offset_data=0xFFFFFE00)
-    return _err(i.path)
-
-
-def _b_vdi_blocks_absurd(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, blocks=0xFFFFFFFF)
-    return _err(i.path)
-
-
-def _b_vdi_blocks_too_few(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, blocks=1)
-    return _err(i.path)
-
-
-def _b_vdi_block_2_31(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, block_size=1 << 31)
-    return _err(i.path)
-
-
-def _b_vdi_block_zero(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, block_size=0)
-    return _err(i.path)
-
-
-def _b_vdi_disk_huge(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, disk_size=1 << 62)
-    return _err(i.path)
+_b_vdi_map_past_eof = _patched(_vdi, patch_vdi, offset_blocks=0x7FFFFE00)
+_b_vdi_data_past_eof = _patched(_vdi, patch_vdi, offset_data=0xFFFFFE00)
+_b_vdi_blocks_absurd = _patched(_vdi, patch_vdi, blocks=0xFFFFFFFF)
+_b_vdi_blocks_too_few = _patched(_vdi, patch_vdi, blocks=1)
+_b_vdi_block_2_31 = _patched(_vdi, patch_vdi, block_size=1 << 31)
+_b_vdi_block_zero = _patched(_vdi, patch_vdi, block_size=0)
+_b_vdi_disk_huge = _patched(_vdi, patch_vdi, disk_size=1 << 62)
 
 
 def _b_vdi_entry_past_eof(d, c):
@@ -927,10 +845,7 @@ def _b_vdi_duplicate_entries(d, c):
     return _ok(i.path, bytes(flat))
 
 
-def _b_vdi_version(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, version=0x00020000)
-    return _err(i.path)
+_b_vdi_version = _patched(_vdi, patch_vdi, version=0x00020000)
 
 
 def _b_vdi_sector_size(d, c):
@@ -939,16 +854,8 @@ def _b_vdi_sector_size(d, c):
     return _ok(i.path, VDI_RAW)
 
 
-def _b_vdi_extra_huge(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, block_extra=0x80000000)
-    return _err(i.path)
-
-
-def _b_vdi_image_type(d, c):
-    i = _vdi(d)
-    patch_vdi(i.path, image_type=9)
-    return _err(i.path)
+_b_vdi_extra_huge = _patched(_vdi, patch_vdi, block_extra=0x80000000)
+_b_vdi_image_type = _patched(_vdi, patch_vdi, image_type=9)
 
 
 def _b_vdi_link_missing(d, c):
