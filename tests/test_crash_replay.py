@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
