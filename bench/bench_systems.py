@@ -110,6 +110,23 @@ def _wait_file(path: str, proc: subprocess.Popen | None, deadline: float,
         time.sleep(0.001)
 
 
+def _spawn(cmd: list[str], logf: str) -> tuple[subprocess.Popen, float]:
+    """Start a daemon pinned to the benchmark's CPU, its output in ``logf``; (proc, start)."""
+    with open(logf, "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(pinned(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    return proc, t0
+
+
+def _await(path: str, proc: subprocess.Popen | None, t0: float, mnt: str, logf: str) -> None:
+    """``_wait_file``, with the daemon's last log lines in the error."""
+    try:
+        _wait_file(path, proc, t0 + MOUNT_TIMEOUT, mnt)
+    except SystemFailed as e:
+        raise SystemFailed(f"{e}: {_tail(logf, 2)}") from None
+
+
 def _fusermount_u(mountpoint: str) -> None:
     for args in (["-u"], ["-u", "-z"]):
         if not is_mount(mountpoint):
@@ -219,12 +236,9 @@ class Passthrough(System):
         cmd += [image.raw, mnt]
         proc = None
         try:
-            with open(logf, "w") as log:
-                t0 = time.perf_counter()
-                proc = subprocess.Popen(pinned(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+            proc, t0 = _spawn(cmd, logf)
             path = os.path.join(mnt, name)
-            _wait_file(path, proc, t0 + MOUNT_TIMEOUT, mnt)
+            _await(path, proc, t0, mnt, logf)
             yield Mounted(path=path, pid=proc.pid, started=t0, ready=time.perf_counter(), log=logf)
         finally:
             _fusermount_u(mnt)
@@ -279,14 +293,8 @@ class Vhdfs(System):
         path = os.path.join(mnt, os.path.splitext(os.path.basename(image.path))[0] + ".raw")
         proc = None
         try:
-            with open(logf, "w") as log:
-                t0 = time.perf_counter()
-                proc = subprocess.Popen(pinned(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
-            try:
-                _wait_file(path, proc, t0 + MOUNT_TIMEOUT, mnt)
-            except SystemFailed as e:
-                raise SystemFailed(f"{e}: {_tail(logf, 2)}") from None
+            proc, t0 = _spawn(cmd, logf)
+            _await(path, proc, t0, mnt, logf)
             yield Mounted(path=path, pid=proc.pid, started=t0, ready=time.perf_counter(), log=logf)
         finally:
             if is_mount(mnt):
@@ -330,15 +338,9 @@ class Qsd(System):
         proc = None
         pid = None
         try:
-            with open(logf, "w") as log:
-                t0 = time.perf_counter()
-                proc = subprocess.Popen(pinned(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+            proc, t0 = _spawn(cmd, logf)
             pid = proc.pid
-            try:
-                _wait_file(mnt, proc, t0 + MOUNT_TIMEOUT, mnt)
-            except SystemFailed as e:
-                raise SystemFailed(f"{e}: {_tail(logf, 2)}") from None
+            _await(mnt, proc, t0, mnt, logf)
             yield Mounted(path=mnt, pid=pid, started=t0, ready=time.perf_counter(), log=logf)
         finally:
             # qsd leaves a dead mount behind when signalled first, and does not exit when
@@ -389,16 +391,10 @@ class Vhdimount(System):
         pid = None
         proc = None
         try:
-            with open(logf, "w") as log:
-                t0 = time.perf_counter()
-                proc = subprocess.Popen(pinned(["vhdimount", image.path, mnt]), stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc, t0 = _spawn(["vhdimount", image.path, mnt], logf)
             # one file per layer, vhdi1 the bottom parent: the image itself is the last one
             path = os.path.join(mnt, f"vhdi{image.depth + 1}")
-            try:
-                _wait_file(path, None, t0 + MOUNT_TIMEOUT, mnt)
-            except SystemFailed as e:
-                raise SystemFailed(f"{e}: {_tail(logf, 2)}") from None
+            _await(path, None, t0, mnt, logf)  # it backgrounds itself: proc exits early
             ready = time.perf_counter()
             pid = self._find_pid(mnt)
             yield Mounted(path=path, pid=pid, started=t0, ready=ready, log=logf)
