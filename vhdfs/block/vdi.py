@@ -44,7 +44,7 @@ def open_layer(path: str, options: OpenOptions) -> "VdiImage":
             notes.append("several block map entries share one data block (see vhdfs check)")
             if options.writable and not options.force:
                 raise FormatError("several block map entries share one data block: a write would change "
-                                  "both; open it read-only (or force it)")
+                                  "both; open it read-only (or pass --force)")
         img = VdiImage(path, f, header, bmap, file_size)
     except VhdfsError as exc:
         f.close()

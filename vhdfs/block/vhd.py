@@ -156,7 +156,7 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
             image.parent_ref = parent_ref(path, layout.header, layout.locators)
     if findings:
         if options.writable and not options.force:
-            raise FormatError(f"{findings[0]}: refusing to open for writing (force to override)")
+            raise FormatError(f"{findings[0]}: refusing to open for writing (--force overrides this)")
         for finding in findings:
             warn(finding, f.path)
     if options.writable and footer.saved_state:
