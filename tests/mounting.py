@@ -25,13 +25,16 @@ VHDFS = [sys.executable, "-m", "vhdfs"]
 def run(cmd: Sequence[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     """``subprocess.run`` with a timeout and captured text output; a failure shows stderr."""
     kw.setdefault("cwd", REPO)
+    if "input" not in kw:
+        kw.setdefault("stdin", subprocess.DEVNULL)  # CI has no stdin; nothing may wait on it
     res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
     return res
 
 
-def vhdfs(*args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+def vhdfs(*args: str | os.PathLike[str], check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m vhdfs ARGS`` with captured text output."""
     return run([*VHDFS, *map(str, args)], check=check, timeout=timeout)
 
 

@@ -7,27 +7,22 @@ non-zero exit and the file left byte-for-byte as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import corpus_entries
+from mounting import sha256_file as sha256, vhdfs
 
 TYPE_OF = {"dynamic": "dynamic", "fixed": "fixed", "differencing": "differencing",
            "vdi-dynamic": "dynamic", "vdi-static": "fixed"}
 MiB = 1024 * 1024
 
 
-def vhdfs(*args: str | os.PathLike[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run the CLI exactly as a user would (a fresh interpreter), with a deadline."""
-    return subprocess.run([sys.executable, "-m", "vhdfs", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def need_driver(fmt: str) -> None:
@@ -38,12 +33,6 @@ def need_creator(fmt: str) -> None:
     pytest.importorskip(f"vhdfs.block.{fmt}_create")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def qemu_info(path: Path) -> dict:

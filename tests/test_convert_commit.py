@@ -12,20 +12,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import corpus_entries
+from mounting import sha256_file as file_sha, vhdfs
 
 MiB = 1024 * 1024
 ENTRIES = {e["image"]: e for e in corpus_entries()}
 
 
-def vhdfs(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vhdfs", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def need(*modules: str) -> None:
@@ -33,12 +30,6 @@ def need(*modules: str) -> None:
         pytest.importorskip(f"vhdfs.block.{m}")
 
 
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def image_sha(path: Path, fmt: str | None = None) -> tuple[int, str]:
