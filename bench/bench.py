@@ -8,6 +8,7 @@ this process - and so every daemon and client it starts - to one CPU, and calls 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +58,20 @@ class Bench:
 
     def cell(self, row: str, sys_key: str) -> R.Cell:
         return self.results[row].setdefault(sys_key, R.Cell())
+
+    @contextlib.contextmanager
+    def guarded(self, rows: list[str], sys_key: str, cleanup: bool = False) -> Iterator[None]:
+        """One system's runs of ``rows``: not applicable or failed goes in the table, never up."""
+        try:
+            yield
+        except NotApplicable as e:
+            self.mark(rows, sys_key, f"n/a: {e}")
+        except (SystemFailed, W.WorkloadFailed, OSError, subprocess.SubprocessError) as e:
+            log(f"  {sys_key}: {e}")
+            self.mark(rows, sys_key, f"FAILED: {sys_key}: {e}")
+        finally:
+            if cleanup:
+                self._cleanup_scratch_images()
 
     def mark(self, rows: list[str], sys_key: str, note: str) -> None:
         for r in rows:
@@ -121,7 +137,7 @@ class Bench:
         mib = self.size // MiB
         for s in self.each_system(rows):
             log(f"read/dyn: {s.key}")
-            try:
+            with self.guarded(rows, s.key):
                 s.check(img, False)
                 with s.mount(img, False, self.scratch) as m:
                     self.verify(s.key, img, m.path, rows)
@@ -151,11 +167,6 @@ class Bench:
                         W.drop_caches()
                         self.measure("rr_qd16_cold", s.key, W.fio_randread, m.path, img.size, 16,
                                      self.fio_runtime)
-            except NotApplicable as e:
-                self.mark(rows, s.key, f"n/a: {e}")
-            except (SystemFailed, W.WorkloadFailed, OSError, subprocess.SubprocessError) as e:
-                log(f"  {s.key}: {e}")
-                self.mark(rows, s.key, f"FAILED: {s.key}: {e}")
 
     def phase_read_other(self, images, notes) -> None:
         for key, row in (("fixed", "seq_fixed_warm"), ("diff1", "seq_diff1_warm"),
@@ -170,7 +181,7 @@ class Bench:
             mib = self.size // MiB
             for s in self.each_system([row]):
                 log(f"read/{key}: {s.key}")
-                try:
+                with self.guarded([row], s.key):
                     s.check(img, False)
                     with s.mount(img, False, self.scratch) as m:
                         self.verify(s.key, img, m.path, [row])
@@ -180,11 +191,6 @@ class Bench:
                         W.warm(m.path, n)
                         for _ in range(self.reps):
                             self.measure(row, s.key, W.dd_read, m.path, n)
-                except NotApplicable as e:
-                    self.mark([row], s.key, f"n/a: {e}")
-                except (SystemFailed, W.WorkloadFailed, OSError, subprocess.SubprocessError) as e:
-                    log(f"  {s.key}: {e}")
-                    self.mark([row], s.key, f"FAILED: {s.key}: {e}")
 
     def _fresh(self, iset: ImageSet, kind: str, tag: str):
         return iset.fresh_dynamic(self.scratch, tag) if kind == "new" else \
@@ -204,7 +210,7 @@ class Bench:
             W.warm(src, mib)
             for s in self.each_system([row]):
                 log(f"write/{kind}: {s.key}")
-                try:
+                with self.guarded([row], s.key, cleanup=True):
                     for i in range(self.reps):
                         try:
                             img = self._fresh(iset, kind, s.key)
@@ -213,32 +219,18 @@ class Bench:
                         s.check(img, True)
                         with s.mount(img, True, self.scratch) as m:
                             self.measure(row, s.key, W.dd_write, src, m.path, self.write_mib)
-                except NotApplicable as e:
-                    self.mark([row], s.key, f"n/a: {e}")
-                except (SystemFailed, W.WorkloadFailed, OSError, subprocess.SubprocessError) as e:
-                    log(f"  {s.key}: {e}")
-                    self.mark([row], s.key, f"FAILED: {s.key}: {e}")
-                finally:
-                    self._cleanup_scratch_images()
 
         row = "rw_fsync64"
         if self.wanted([row]):
             for s in self.each_system([row]):
                 log(f"write/random: {s.key}")
-                try:
+                with self.guarded([row], s.key, cleanup=True):
                     s.check(iset.images["dyn"], True)
                     img = iset.working_copy(self.scratch, s.key)
                     with s.mount(img, True, self.scratch) as m:
                         for _ in range(self.reps):
                             self.measure(row, s.key, W.fio_randwrite, m.path, img.size,
                                          self.fio_runtime)
-                except NotApplicable as e:
-                    self.mark([row], s.key, f"n/a: {e}")
-                except (SystemFailed, W.WorkloadFailed, OSError, subprocess.SubprocessError) as e:
-                    log(f"  {s.key}: {e}")
-                    self.mark([row], s.key, f"FAILED: {s.key}: {e}")
-                finally:
-                    self._cleanup_scratch_images()
 
     def phase_fs(self, iset: ImageSet) -> None:
         rows = ["fs_write", "fs_read"]
@@ -248,7 +240,7 @@ class Bench:
         subprocess.run(["sh", "-c", f"tar -C {tree} -cf - . | wc -c"], capture_output=True)
         for s in self.each_system(rows):
             log(f"fs: {s.key}")
-            try:
+            with self.guarded(rows, s.key, cleanup=True):
                 for _ in range(self.reps):
                     img = iset.fresh_dynamic(self.scratch, s.key)
                     s.check(img, True)
@@ -261,13 +253,6 @@ class Bench:
                             break
                     self.cell("fs_write", s.key).values.append(tw)
                     self.cell("fs_read", s.key).values.append(tr)
-            except NotApplicable as e:
-                self.mark(rows, s.key, f"n/a: {e}")
-            except (SystemFailed, OSError, subprocess.SubprocessError) as e:
-                log(f"  {s.key}: {e}")
-                self.mark(rows, s.key, f"FAILED: {s.key}: {e}")
-            finally:
-                self._cleanup_scratch_images()
 
     def phase_sparse(self, images) -> None:
         rows = ["sparse_mount", "sparse_ttfb", "sparse_rss"]
@@ -277,7 +262,7 @@ class Bench:
         want = bytes([SPARSE_WRITES[1][1]]) * 4096
         for s in self.each_system(rows):
             log(f"sparse: {s.key}")
-            try:
+            with self.guarded(rows, s.key):
                 s.check(img, False)
                 for _ in range(self.reps):
                     # the image's pages leave the page cache (the software's stay: a warm start)
@@ -298,11 +283,6 @@ class Bench:
                         self.cell("sparse_ttfb", s.key).values.append(t)
                 if s.key == "bare":
                     self.mark(["sparse_mount", "sparse_rss"], s.key, "n/a: no daemon")
-            except NotApplicable as e:
-                self.mark(rows, s.key, f"n/a: {e}")
-            except (SystemFailed, W.WorkloadFailed, OSError, subprocess.SubprocessError) as e:
-                log(f"  {s.key}: {e}")
-                self.mark(rows, s.key, f"FAILED: {s.key}: {e}")
 
     # -- header and main ---------------------------------------------------------------------
 
