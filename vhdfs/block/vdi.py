@@ -38,7 +38,7 @@ def open_layer(path: str, options: OpenOptions) -> "VdiImage":
         header = fmt.parse_header(os.pread(f.fd, fmt.HEADER_READ_SIZE, 0), file_size)
         bmap = fmt.parse_map(f.pread(header.map_bytes, header.offset_bmap))
         used = list(filter(fmt.BLOCK_ZERO.__gt__, bmap))
-        _check_map_fits(header, bmap, max(used, default=-1), file_size)
+        _check_map_fits(header, bmap, file_size)
         notes = list(header.warnings)
         if len(set(used)) != len(used):
             notes.append("several block map entries share one data block (see vhdfs check)")
@@ -60,18 +60,22 @@ def open_layer(path: str, options: OpenOptions) -> "VdiImage":
     return img
 
 
-def _check_map_fits(h: fmt.VdiHeader, bmap: array, top: int, file_size: int) -> None:
-    """Refuse a map whose highest used block lies past the end of the file.
+def _check_map_fits(h: fmt.VdiHeader, bmap: array, file_size: int) -> None:
+    """Refuse a map whose data for the virtual disk lies past the end of the file.
 
-    Checking the highest index suffices: every lower index ends before it starts. Only the
-    bytes that hold virtual data must exist (the last virtual block may be partial).
+    Only entries inside the virtual size are read, so only they count (a hostile map may name
+    a huge block in an entry past the disk's end). Among them, checking the highest block
+    suffices: every lower block ends before it starts. Only the bytes that hold virtual data
+    must exist (the last virtual block may be partial).
     """
+    in_disk = bmap[:-(-h.disk_size // h.block_size)]
+    top = _highest_used(in_disk)
     if top < 0:
         return
-    block = bmap.index(top)
-    needed = max(0, min(h.block_size, h.disk_size - block * h.block_size))
+    block = in_disk.index(top)
+    needed = min(h.block_size, h.disk_size - block * h.block_size)
     end = h.offset_data + top * h.block_stride + h.block_extra + needed
-    if needed and end > file_size:
+    if end > file_size:
         raise FormatError(
             f"block map entry {block} points to data at {end - needed}-{end}, past the end of the file ({file_size})")
 
