@@ -29,7 +29,8 @@ class WriteLog:
     def __init__(self, target: str) -> None:
         self.target = os.path.abspath(target)
         self.ops: list[tuple[str, int, bytes]] = []
-        self.fail_at: int | None = None
+        self.pwrites = 0                   # pwrites seen so far
+        self.fail_at: int | None = None    # fail the pwrite with this number (0 = the first)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         log = self
@@ -37,7 +38,8 @@ class WriteLog:
 
         def pwrite(self: RawFile, data, offset: int) -> None:  # noqa: ANN001
             if self.path == log.target:
-                if log.fail_at is not None and len(log.ops) == log.fail_at:
+                log.pwrites += 1
+                if log.fail_at is not None and log.pwrites - 1 == log.fail_at:
                     log.fail_at = None
                     raise OSError(errno.EIO, "injected write failure")
                 log.ops.append(("w", offset, bytes(data)))
@@ -177,11 +179,13 @@ def test_a_failed_write_leaves_the_open_image_consistent(
     new = bytearray(old)
     new[off:off + len(data)] = data
     with open_image(path, writable=True) as img:
-        log.fail_at = fail_at
+        log.fail_at = log.pwrites + fail_at   # the n-th file write of this write and its commit
         try:
             img.write(off, data)
+            img.flush()
         except OSError:
             pass
+        assert log.fail_at is None, "the injected failure was never reached"
         got = img.read(0, SIZE)
         if got not in (old, bytes(new)):
             old_s, new_s = _sectors(old), _sectors(bytes(new))
@@ -190,6 +194,57 @@ def test_a_failed_write_leaves_the_open_image_consistent(
         # The image must still accept the write once the fault is gone.
         img.write(off, data)
         assert img.read(off, len(data)) == data
+    monkeypatch.undo()
+    with open_image(path, parent_dirs=[str(tmp_path)]) as img:
+        assert [p for p in img.check() if not p.startswith("leak")] == []
+        assert img.read(0, SIZE) == bytes(new)
+
+
+@pytest.mark.parametrize("kind", ["vhd-dynamic", "vhd-differencing", "vdi-dynamic"])
+@pytest.mark.parametrize("fail", ["sync", "entry"])
+def test_a_failed_commit_rolls_memory_back_to_the_file(
+        kind: str, fail: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pending metadata (new blocks' entries, differencing bits) goes out at flush; when that
+    fails, the open image must show what the file holds, stay writable, and lose nothing later."""
+    path, _ = _make(kind, tmp_path)
+    with open_image(path) as img:
+        old = img.read(0, SIZE)
+    log = WriteLog(str(path))
+    log.install(monkeypatch)
+    rnd = random.Random(fail)
+    writes = [(off, rnd.randbytes(n)) for off, n in
+              [(5000, 3 * 1024 * 1024), (6 * 1024 * 1024 + 17, 4000), (700, 300)]]
+    new = bytearray(old)
+    for off, data in writes:
+        new[off:off + len(data)] = data
+    real_sync = RawFile.sync
+    with open_image(path, writable=True) as img:
+        for off, data in writes:
+            img.write(off, data)
+        if fail == "sync":
+            def failing_sync(self: RawFile) -> None:
+                monkeypatch.setattr(RawFile, "sync", real_sync)
+                raise OSError(errno.EIO, "injected sync failure")
+            monkeypatch.setattr(RawFile, "sync", failing_sync)
+        else:
+            log.fail_at = log.pwrites   # the first metadata write, after the commit's sync
+        failed = False
+        try:
+            img.flush()
+        except OSError:
+            failed = True
+        got = img.read(0, SIZE)
+        if failed:
+            reopened = tmp_path / ("mem-vs-file" + path.suffix)
+            shutil.copyfile(path, reopened)
+            with open_image(reopened, parent_dirs=[str(tmp_path)]) as disk:
+                assert got == disk.read(0, SIZE), "memory and file disagree after a failed commit"
+        old_s, new_s = _sectors(old), _sectors(bytes(new))
+        for n, sector in enumerate(_sectors(got)):
+            assert sector in (old_s[n], new_s[n]), f"sector {n} is garbage"
+        for off, data in writes:          # written again once the fault is gone: all lands
+            img.write(off, data)
+        img.flush()
     monkeypatch.undo()
     with open_image(path, parent_dirs=[str(tmp_path)]) as img:
         assert [p for p in img.check() if not p.startswith("leak")] == []

@@ -262,8 +262,10 @@ def test_failed_bat_write_leaves_memory_and_file_consistent(tmp_path: Path, monk
         real(data, offset)
 
     monkeypatch.setattr(img.file, "pwrite", failing)
+    img.write(0, b"lost")       # the BAT entry waits for the commit (group commit) ...
+    assert img.read(0, 4) == b"lost"
     with pytest.raises(OSError):
-        img.write(0, b"lost")
+        img.flush()             # ... which fails, so memory rolls back to what the file holds
     assert img.bat[0] == fmt.UNUSED_BAT and img.read(0, 4) == bytes(4)
     monkeypatch.setattr(img.file, "pwrite", real)
     img.write(0, b"kept")

@@ -140,9 +140,17 @@ class Image(abc.ABC):
             self.file.close()
 
     def flush(self) -> None:
-        """Make everything written so far durable in the image file."""
+        """Make everything written so far durable in the image file, pending metadata included."""
         if self.writable and self.file is not None and self.file.fd >= 0:
-            self.file.sync()
+            with self.meta_lock:
+                self._commit()
+                self.file.sync()
+
+    def _commit(self) -> None:
+        """Write the metadata a driver holds back until its data is durable (group_commit.py).
+
+        Called with ``meta_lock`` held; drivers without pending metadata have nothing to do.
+        """
 
     def describe(self) -> dict[str, Any]:
         """Format details for ``vhdfs info`` (this layer only)."""

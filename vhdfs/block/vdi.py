@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from ..errors import ChainError, FormatError, ReadOnlyError, VhdfsError, warn
 from ..format import vdi as fmt
 from .base import Extent, Image, Kind, OpenOptions, ParentRef
+from .group_commit import commit_every, write_entry_runs
 from .raw_io import RawFile
 
 _U32 = struct.Struct("<I")
@@ -103,6 +104,12 @@ class VdiImage(Image):
         self._modify_renewed = False
         self._zero_block: bytes | None = None
         self._next_index = self._first_free_index(file_size)
+        # Group commit (group_commit.py): new blocks' map entries and the header's
+        # blocks_allocated reach the file at the next commit, after a sync made the data durable.
+        self._pending: dict[int, int] = {}      # block -> new map entry
+        self._pending_old: dict[int, int] = {}  # block -> its entry in the file (for a roll-back)
+        self._file_blocks_allocated = header.blocks_allocated
+        self._commit_every = commit_every(self.block_size)
         if self.diff:
             link = str(header.uuid_link)
             self.parent_ref = ParentRef(name=link, expected_id=link, format="vdi", match_by_id_in_dirs=True)
@@ -231,17 +238,41 @@ class VdiImage(Image):
             if index > fmt.MAX_BLOCK_INDEX:
                 raise FormatError("the image has no free block indices left", self.path)
             self.file.pwrite(buf, h.offset_data + index * h.block_stride)
-            self.file.sync()
-            self.file.pwrite(_U32.pack(max(h.blocks_allocated, index + 1)), fmt.BLOCKS_ALLOCATED_OFFSET)
-            self.file.pwrite(_U32.pack(index), h.offset_bmap + 4 * block)
-            # No sync here: the data is durable before the entry is written, which is all the
-            # ordering needs; the next allocation's sync or flush() makes the entry durable.
+            # Publish now; the entry reaches the file at the next commit, after the data.
+            self._pending_old.setdefault(block, entry)
+            self._pending[block] = index
             self.bmap[block] = index
             h.blocks_allocated = max(h.blocks_allocated, index + 1)
             self._next_index = index + 1
+            if len(self._pending) >= self._commit_every:
+                self._commit()
+
+    def _commit(self) -> None:
+        """Sync the data, then write blocks_allocated and every pending map entry.
+
+        Caller holds meta_lock. On failure, entries the file lacks are rolled back in memory.
+        """
+        if not self._pending:
+            return
+        h = self.header
+        try:
+            self.file.sync()
+            if h.blocks_allocated != self._file_blocks_allocated:
+                self.file.pwrite(_U32.pack(h.blocks_allocated), fmt.BLOCKS_ALLOCATED_OFFSET)
+                self._file_blocks_allocated = h.blocks_allocated
+            write_entry_runs(self.file, h.offset_bmap, "<", self._pending)
+        except BaseException:
+            for block in self._pending:
+                self.bmap[block] = self._pending_old[block]
+            h.blocks_allocated = self._file_blocks_allocated
+            raise
+        finally:
+            self._pending.clear()
+            self._pending_old.clear()
 
     def _set_entries(self, first: int, values: list[int]) -> None:
         """Durably write map entries ``first..`` (one pwrite), then publish them in memory."""
+        self._commit()   # a pending entry for one of these blocks must not land after them
         self.file.pwrite(fmt.pack_entries(values), self.header.offset_bmap + 4 * first)
         self.file.sync()
         self.bmap[first:first + len(values)] = array(self.bmap.typecode, values)
@@ -267,6 +298,7 @@ class VdiImage(Image):
         self._zero_fill(last * bs, end)
         self._renew_modify_uuid()
         with self.meta_lock:
+            self._commit()   # a pending entry for a discarded block must not land after its marker
             runs: list[tuple[int, int]] = []
             for block in range(first, last):
                 entry = self.bmap[block]
@@ -300,7 +332,6 @@ class VdiImage(Image):
 
     def identity(self) -> str:
         return str(self.header.uuid_create)
-
 
     def allocated_blocks(self) -> int:
         return len(self.bmap) - self.bmap.count(fmt.BLOCK_ZERO) - self.bmap.count(fmt.BLOCK_FREE)
