@@ -46,11 +46,26 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
+    """True while anything is mounted there, per /proc/self/mountinfo.
+
+    Unlike ``os.path.ismount``, also true for a FUSE mount whose daemon died (its root then
+    fails ``lstat`` with ENOTCONN), which is exactly the mount a killed-daemon test leaves.
+    """
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                return True
+    return False
+
+
 def force_unmount(mountpoint: str | os.PathLike[str]) -> None:
     """Unmount if mounted: ``fusermount3 -u``, then ``umount``, then lazily."""
     mp = os.fspath(mountpoint)
     for cmd in (["fusermount3", "-u", mp], ["umount", mp], ["fusermount3", "-u", "-z", mp], ["umount", "-l", mp]):
-        if not os.path.ismount(mp):
+        if not is_mounted(mp):
             return
         with contextlib.suppress(Exception):
             subprocess.run(cmd, capture_output=True, timeout=30)
@@ -156,12 +171,12 @@ def fs_mounted(source: str | os.PathLike[str], mountpoint: str | os.PathLike[str
         yield mp
     finally:
         for _ in range(50):
-            if not os.path.ismount(mp):
+            if not is_mounted(mp):
                 break
             res = subprocess.run(["umount", str(mp)], capture_output=True, timeout=30)
             if res.returncode != 0:
                 time.sleep(0.1)
-        if os.path.ismount(mp):
+        if is_mounted(mp):
             subprocess.run(["umount", "-l", str(mp)], capture_output=True, timeout=30)
 
 

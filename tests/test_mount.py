@@ -353,3 +353,46 @@ async def test_unexpected_error_is_eio_and_switches_to_failsafe() -> None:
     with pytest.raises(pyfuse3.FUSEError) as exc:
         await ops.lookup(pyfuse3.ROOT_INODE, b"missing", None)
     assert exc.value.errno == errno.ENOENT
+
+
+async def test_failed_background_commit_is_reported_once_at_the_next_fsync(tmp_path: Path) -> None:
+    """Group commit: the daemon commits pending metadata in the background; if that fails, the
+    writes it covered are rolled back, so the next fsync must say EIO (then the mount goes on)."""
+    import pyfuse3
+    import trio
+
+    from vhdfs.block import open_image
+    from vhdfs.block.raw_io import RawFile
+    from vhdfs.block.vhd_create import create_vhd
+    from vhdfs.fs.image_file import ImageFile, SharedImage
+    from vhdfs.fs.operations import VhdfsOperations
+
+    path = tmp_path / "d.vhd"
+    create_vhd(str(path), 8 << 20, "dynamic")
+    image = open_image(path, writable=True)
+    shared = SharedImage(image, True, trio.CapacityLimiter(2))
+    ops = VhdfsOperations([ImageFile("d.raw", shared)])
+    ino = pyfuse3.ROOT_INODE + 1
+    assert await ops.write(ino, 0, b"lost" * 1024) == 4096
+    assert image.has_pending_metadata()
+    real_sync = RawFile.sync
+
+    def failing_sync(self: RawFile) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    RawFile.sync = failing_sync  # type: ignore[method-assign]
+    try:
+        await shared.commit_pending()      # logs, never raises
+    finally:
+        RawFile.sync = real_sync           # type: ignore[method-assign]
+    assert not image.has_pending_metadata()
+    assert await ops.read(ino, 0, 4) == bytes(4), "rolled-back data must not show"
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.fsync(ino, True)
+    assert exc.value.errno == errno.EIO
+    await ops.fsync(ino, True)             # reported once; the mount goes on
+    assert await ops.write(ino, 0, b"kept") == 4
+    await ops.fsync(ino, True)
+    image.close()
+    with open_image(path) as again:
+        assert again.read(0, 4) == b"kept" and [p for p in again.check() if not p.startswith("leak")] == []

@@ -247,6 +247,9 @@ class VdiImage(Image):
             if len(self._pending) >= self._commit_every:
                 self._commit()
 
+    def has_pending_metadata(self) -> bool:
+        return bool(self._pending)
+
     def _commit(self) -> None:
         """Sync the data, then write blocks_allocated and every pending map entry.
 

@@ -344,6 +344,9 @@ class SparseVhd(Image):
 
     # -- group commit -------------------------------------------------------------------------
 
+    def has_pending_metadata(self) -> bool:
+        return bool(self._pending_bat or self._pending_bitmaps)
+
     def _maybe_commit(self) -> None:
         if len(self._pending_bat) + len(self._pending_bitmaps) >= self._commit_every:
             self._commit()

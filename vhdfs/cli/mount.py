@@ -76,6 +76,10 @@ def _split(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def check_mountpoint(mountpoint: str) -> None:
     """The mountpoint must be an empty folder that is not already a mount."""
+    from ..fs.state import vhdfs_mounts
+    if os.path.abspath(mountpoint) in vhdfs_mounts() and not os.path.exists(mountpoint):
+        raise UsageError("a vhdfs mount whose daemon has died is still here; "
+                         "run 'vhdfs umount' on it first", mountpoint)
     if not os.path.exists(mountpoint):
         raise UsageError("mountpoint does not exist", mountpoint)
     if not os.path.isdir(mountpoint):

@@ -45,6 +45,7 @@ class SharedImage:
     allocated_at: float = 0.0
     allocated_dirty: bool = True
     temp_child: str | None = None     # snapshot child to delete at unmount
+    commit_failed: Exception | None = None   # a background commit's error, for the next flush
 
     async def allocated_bytes(self) -> int:
         """Allocated bytes of the whole chain (capped at size), recomputed at most once a second.
@@ -61,10 +62,33 @@ class SharedImage:
         return self.allocated
 
     async def flush(self) -> None:
-        """Make every acknowledged write durable (fdatasync and metadata) in a worker thread."""
+        """Make every acknowledged write durable (fdatasync and metadata) in a worker thread.
+
+        A background commit that failed since the last flush is reported here, once, as EIO:
+        its writes were rolled back, and the application must hear of it (as with a
+        kernel's writeback error).
+        """
         if self.writable:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.image.flush, limiter=self.limiter)
+            failed, self.commit_failed = self.commit_failed, None
+            if failed is not None:
+                raise OSError(errno.EIO, f"an earlier background commit failed: {failed}")
+
+    async def commit_pending(self) -> None:
+        """Write pending metadata (group commit) under the image lock, if any is due.
+
+        Never raises: a failure is logged and kept for the next ``flush`` to report.
+        """
+        if not (self.writable and self.image.has_pending_metadata()):
+            return
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                try:
+                    await trio.to_thread.run_sync(self.image.commit, limiter=self.limiter)
+                except Exception as exc:  # noqa: BLE001 - reported at the next flush
+                    log.error("%s: background commit failed: %s", self.image.path, exc)
+                    self.commit_failed = exc
 
 
 class ImageFile:
