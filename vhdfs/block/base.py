@@ -116,6 +116,9 @@ class Image(abc.ABC):
         self.parent_ref: ParentRef | None = None
         self.meta_lock = threading.RLock()
         self.closed = False
+        # Commit pending metadata from ``write`` once ``commit_due``; a daemon with a committer
+        # of its own turns this off so that no client's write waits for a sync.
+        self.auto_commit = True
 
     # -- what drivers implement ---------------------------------------------------------
 
@@ -141,30 +144,65 @@ class Image(abc.ABC):
 
     def flush(self) -> None:
         """Make everything written so far durable in the image file, pending metadata included."""
-        if self.writable and self.file is not None and self.file.fd >= 0:
-            with self.meta_lock:
-                self._commit()
-                self.file.sync()
+        if self._open_for_writing():
+            self.commit()
+            self.file.sync()
 
     def commit(self) -> None:
-        """Write pending metadata now (one sync for its data first), without flush's final sync.
+        """Write pending metadata now, after one sync for the data it points at (no final sync).
 
-        What a daemon calls soon after writes, so a crash of the daemon itself loses little of
-        what was written but not yet flushed (the data is in the page cache; the entries that
-        point at it are not, until a commit).
+        Group commit (group_commit.py): the sync runs without ``meta_lock``, so other writers,
+        allocating ones included, go on meanwhile; only entries taken before the sync are
+        written after it. A daemon calls this soon after writes, so that its own crash loses
+        little of what was written but not yet flushed.
         """
-        if self.writable and self.file is not None and self.file.fd >= 0:
+        if not self._open_for_writing():
+            return
+        with self.meta_lock:
+            snapshot = self._pending_snapshot()
+        if snapshot is None:
+            return
+        try:
+            self.file.sync()
+        except BaseException as exc:
             with self.meta_lock:
-                self._commit()
+                self._write_snapshot(snapshot, sync_failed=exc)   # rolls back, re-raises
+            raise
+        with self.meta_lock:
+            self._write_snapshot(snapshot)
+
+    def commit_due(self) -> bool:
+        """True once enough metadata is pending that a commit should not wait any longer."""
+        return False
 
     def has_pending_metadata(self) -> bool:
         """True when written data is not yet pointed at in the file (a commit is due)."""
         return False
 
-    def _commit(self) -> None:
-        """Write the metadata a driver holds back until its data is durable (group_commit.py).
+    def _open_for_writing(self) -> bool:
+        return self.writable and self.file is not None and self.file.fd >= 0
 
-        Called with ``meta_lock`` held; drivers without pending metadata have nothing to do.
+    def _commit_locked(self) -> None:
+        """``commit`` for a caller that holds ``meta_lock`` and must not let go of it."""
+        snapshot = self._pending_snapshot()
+        if snapshot is not None:
+            try:
+                self.file.sync()
+            except BaseException as exc:
+                self._write_snapshot(snapshot, sync_failed=exc)   # rolls back, re-raises
+                raise
+            self._write_snapshot(snapshot)
+
+    def _pending_snapshot(self) -> object | None:
+        """A copy of the pending metadata (caller holds ``meta_lock``); None when there is none."""
+        return None
+
+    def _write_snapshot(self, snapshot: object, sync_failed: BaseException | None = None) -> None:
+        """Write the entries of ``snapshot`` that are still pending unchanged (``meta_lock`` held).
+
+        On failure, what did not reach the file is rolled back in memory, then the error
+        propagates: the open image never claims what the file does not hold. ``sync_failed``
+        (the commit's sync failed) writes nothing and rolls back everything due.
         """
 
     def describe(self) -> dict[str, Any]:
@@ -258,6 +296,8 @@ class Image(abc.ABC):
                 self.path)
         if len(view):
             self._write(offset, view)
+            if self.auto_commit and self.commit_due():
+                self.commit()
         return len(view)
 
     def close(self) -> None:

@@ -244,38 +244,46 @@ class VdiImage(Image):
             self.bmap[block] = index
             h.blocks_allocated = max(h.blocks_allocated, index + 1)
             self._next_index = index + 1
-            if len(self._pending) >= self._commit_every:
-                self._commit()
 
     def has_pending_metadata(self) -> bool:
         return bool(self._pending)
 
-    def _commit(self) -> None:
-        """Sync the data, then write blocks_allocated and every pending map entry.
+    def commit_due(self) -> bool:
+        return len(self._pending) >= self._commit_every
 
-        Caller holds meta_lock. On failure, entries the file lacks are rolled back in memory.
-        """
+    def _pending_snapshot(self) -> object | None:
         if not self._pending:
-            return
-        h = self.header
+            return None
+        return dict(self._pending), self.header.blocks_allocated
+
+    def _write_snapshot(self, snapshot: object, sync_failed: BaseException | None = None) -> None:
+        """blocks_allocated, then the map entries still pending unchanged.
+
+        A failed entry write rolls that block back to its entry in the file; blocks_allocated
+        may then stay above the blocks in use, which only leaks space (never reused).
+        """
+        entries, allocated = snapshot  # type: ignore[misc]
+        due = {b: e for b, e in entries.items() if self._pending.get(b) == e}
+        unwritten = dict(due)
         try:
-            self.file.sync()
-            if h.blocks_allocated != self._file_blocks_allocated:
-                self.file.pwrite(_U32.pack(h.blocks_allocated), fmt.BLOCKS_ALLOCATED_OFFSET)
-                self._file_blocks_allocated = h.blocks_allocated
-            write_entry_runs(self.file, h.offset_bmap, "<", self._pending)
+            if sync_failed is not None:
+                raise sync_failed
+            if allocated > self._file_blocks_allocated:
+                self.file.pwrite(_U32.pack(allocated), fmt.BLOCKS_ALLOCATED_OFFSET)
+                self._file_blocks_allocated = allocated
+            write_entry_runs(self.file, self.header.offset_bmap, "<", unwritten)
         except BaseException:
-            for block in self._pending:
+            for block in unwritten:
                 self.bmap[block] = self._pending_old[block]
-            h.blocks_allocated = self._file_blocks_allocated
             raise
         finally:
-            self._pending.clear()
-            self._pending_old.clear()
+            for block in due:
+                del self._pending[block]
+                del self._pending_old[block]
 
     def _set_entries(self, first: int, values: list[int]) -> None:
         """Durably write map entries ``first..`` (one pwrite), then publish them in memory."""
-        self._commit()   # a pending entry for one of these blocks must not land after them
+        self._commit_locked()   # a pending entry for one of these blocks must not land after them
         self.file.pwrite(fmt.pack_entries(values), self.header.offset_bmap + 4 * first)
         self.file.sync()
         self.bmap[first:first + len(values)] = array(self.bmap.typecode, values)
@@ -301,7 +309,7 @@ class VdiImage(Image):
         self._zero_fill(last * bs, end)
         self._renew_modify_uuid()
         with self.meta_lock:
-            self._commit()   # a pending entry for a discarded block must not land after its marker
+            self._commit_locked()   # a pending entry for a discarded block must not land after its marker
             runs: list[tuple[int, int]] = []
             for block in range(first, last):
                 entry = self.bmap[block]

@@ -10,11 +10,12 @@ changes a bitmap, the BAT or the batmap holds ``self.meta_lock`` across plan →
 Group commit: the metadata that makes new data visible (a new block's BAT entry, bits set in a
 differencing block's bitmap) must never reach the disk before that data. Rather than an
 fdatasync per block (which bounded sequential writes at ~0.66x a raw file), such entries wait in
-memory and go out together at the next commit (``flush``, a discard, or every
-``group_commit.COMMIT_BYTES`` of pending blocks): one fdatasync for all the data, then the entries. Until then
-they are unpromised writes: a crash loses them (the blocks become leaked space, the old data
-shows), exactly as it may lose any write not yet flushed. A commit that fails rolls the in-memory
-view back to what the file says, so the open image never claims what the disk does not hold.
+memory and go out together at the next commit (``flush``, a discard, a daemon's committer, or
+every ``group_commit.COMMIT_BYTES`` of pending blocks): one fdatasync for all the data, then the
+entries (``Image.commit``). Until then they are unpromised writes: a crash loses them (the blocks
+become leaked space, the old data shows), exactly as it may lose any write not yet flushed. A
+commit that fails rolls the in-memory view back to what the file says, so the open image never
+claims what the disk does not hold.
 """
 
 from __future__ import annotations
@@ -253,7 +254,6 @@ class SparseVhd(Image):
             self.file.sync()
             write_parts(self.file, parts, self._data_offset(i, a))
         self._remember(i, None if all_set(bm, 0, self.block_size // fmt.SECTOR) else bytes(bm))
-        self._maybe_commit()
 
     def _merge_edges(self, a: int, e: int, pos: int, n: int, chunk: memoryview | None
                      ) -> tuple[bytes, memoryview | None, int, bytes]:
@@ -340,44 +340,49 @@ class SparseVhd(Image):
         self.footer_offset = new_footer
         self.file_size = max(old_end, new_footer + fmt.FOOTER_SIZE)
         self.floor = new_footer
-        self._maybe_commit()
 
     # -- group commit -------------------------------------------------------------------------
 
     def has_pending_metadata(self) -> bool:
         return bool(self._pending_bat or self._pending_bitmaps)
 
-    def _maybe_commit(self) -> None:
-        if len(self._pending_bat) + len(self._pending_bitmaps) >= self._commit_every:
-            self._commit()
+    def commit_due(self) -> bool:
+        return len(self._pending_bat) + len(self._pending_bitmaps) >= self._commit_every
 
-    def _commit(self) -> None:
-        """Sync the data, then write every pending BAT entry and bitmap; caller holds meta_lock.
-
-        On failure, what did not reach the file is rolled back in memory, and the error
-        propagates.
-        """
+    def _pending_snapshot(self) -> object | None:
         if not (self._pending_bat or self._pending_bitmaps):
-            return
-        try:
-            self.file.sync()
-            write_entry_runs(self.file, self.header.table_offset, ">", self._pending_bat)
-            for i, bm in sorted(self._pending_bitmaps.items()):
-                self.file.pwrite(bm, self.bat[i] * fmt.SECTOR)
-                del self._pending_bitmaps[i]
-        except BaseException:
-            self._roll_back()
-            raise
+            return None
+        return dict(self._pending_bat), dict(self._pending_bitmaps)
 
-    def _roll_back(self) -> None:
-        """Make memory match the file again after a failed commit: pending entries vanish."""
-        for i in self._pending_bat:
-            self.bat[i] = fmt.UNUSED_BAT
-            self._forget(i)
-        for i in self._pending_bitmaps:
-            self._forget(i)
-        self._pending_bat.clear()
-        self._pending_bitmaps.clear()
+    def _write_snapshot(self, snapshot: object, sync_failed: BaseException | None = None) -> None:
+        """BAT entries, then bitmaps, each only if still pending unchanged.
+
+        A bitmap replaced since the snapshot stays pending: its newer bits may cover data the
+        sync did not include, and writing the older one after a newer one would lose bits.
+        """
+        bat, bitmaps = snapshot  # type: ignore[misc]
+        due = {i: e for i, e in bat.items() if self._pending_bat.get(i) == e}
+        unwritten = dict(due)
+        blocks = [i for i, bm in sorted(bitmaps.items()) if self._pending_bitmaps.get(i) is bm]
+        try:
+            if sync_failed is not None:
+                raise sync_failed
+            write_entry_runs(self.file, self.header.table_offset, ">", unwritten)
+            while blocks:
+                self.file.pwrite(self._pending_bitmaps[blocks[0]], self.bat[blocks[0]] * fmt.SECTOR)
+                del self._pending_bitmaps[blocks.pop(0)]
+        except BaseException:
+            for i in unwritten:          # entries the file lacks: the blocks were never there
+                self.bat[i] = fmt.UNUSED_BAT
+                self._pending_bitmaps.pop(i, None)
+                self._forget(i)
+            for i in blocks:             # bits the file lacks: back to what it holds
+                self._pending_bitmaps.pop(i, None)
+                self._forget(i)
+            raise
+        finally:
+            for i in due:
+                del self._pending_bat[i]
 
     # -- blktap batmap --------------------------------------------------------------------------
 
@@ -415,7 +420,7 @@ class SparseVhd(Image):
         self._ensure_footer()
         B, pos, end = self.block_size, offset, offset + length
         with self.meta_lock:
-            self._commit()   # a freed entry must not be overwritten by a pending one later
+            self._commit_locked()   # a freed entry must not be overwritten by a pending one later
             while pos < end:
                 i = pos // B
                 n = min((i + 1) * B, end) - pos

@@ -123,24 +123,11 @@ async def _main(ops: VhdfsOperations, mountpoint: str, files: list[ImageFile]) -
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals)
         nursery.start_soon(_announce_ready, ops, mountpoint, files)
-        if any(shared.writable for shared in ops.shared_images):
-            nursery.start_soon(_commit_periodically, ops)
+        for shared in ops.shared_images:
+            if shared.writable:     # group commit: pending metadata reaches the file within ~1 s
+                nursery.start_soon(shared.run_committer, COMMIT_INTERVAL)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-
-
-async def _commit_periodically(ops: VhdfsOperations) -> None:
-    """Commit each image's pending metadata every COMMIT_INTERVAL seconds.
-
-    The block layer holds new blocks' table entries back until a commit (group commit), so a
-    daemon killed before the application's next fsync would lose those writes. Committing
-    soon after them bounds that loss to about one interval, as a journaling file system's
-    commit interval does, while a burst of writes still shares one sync.
-    """
-    while True:
-        await trio.sleep(COMMIT_INTERVAL)
-        for shared in ops.shared_images:
-            await shared.commit_pending()
 
 
 async def _watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

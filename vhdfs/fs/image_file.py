@@ -46,6 +46,7 @@ class SharedImage:
     allocated_dirty: bool = True
     temp_child: str | None = None     # snapshot child to delete at unmount
     commit_failed: Exception | None = None   # a background commit's error, for the next flush
+    commit_wanted: trio.Event = field(default_factory=trio.Event)   # wakes the committer early
 
     async def allocated_bytes(self) -> int:
         """Allocated bytes of the whole chain (capped at size), recomputed at most once a second.
@@ -76,20 +77,37 @@ class SharedImage:
                 raise OSError(errno.EIO, f"an earlier background commit failed: {failed}")
 
     async def commit_pending(self) -> None:
-        """Write pending metadata (group commit) under the image lock, if any is due.
+        """Write pending metadata (group commit) in a worker thread, if any is pending.
 
-        Never raises: a failure is logged and kept for the next ``flush`` to report.
+        Takes no trio lock: the block layer holds its own lock only around the snapshot and the
+        entry writes, so writers go on during the sync. Never raises: a failure is logged and
+        kept for the next ``flush`` to report.
         """
         if not (self.writable and self.image.has_pending_metadata()):
             return
         with trio.CancelScope(shield=True):
-            async with self.lock:
-                try:
-                    await trio.to_thread.run_sync(self.image.commit, limiter=self.limiter)
-                except Exception as exc:  # noqa: BLE001 - reported at the next flush
-                    log.error("%s: background commit failed: %s", self.image.path, exc)
-                    self.commit_failed = exc
+            try:
+                await trio.to_thread.run_sync(self.image.commit, limiter=self.limiter)
+            except Exception as exc:  # noqa: BLE001 - reported at the next flush
+                log.error("%s: background commit failed: %s", self.image.path, exc)
+                self.commit_failed = exc
 
+    async def run_committer(self, interval: float) -> None:
+        """Commit every ``interval`` seconds, or at once when a write finds a commit due.
+
+        The block layer then never commits inside a client's write (``auto_commit`` off), and a
+        daemon killed before the application's next fsync loses at most about one interval of
+        writes, as with a journaling file system's commit interval.
+        """
+        self.image.auto_commit = False
+        try:
+            while True:
+                with trio.move_on_after(interval):
+                    await self.commit_wanted.wait()
+                self.commit_wanted = trio.Event()
+                await self.commit_pending()
+        finally:
+            self.image.auto_commit = True
 
 class ImageFile:
     """``[start, start+size)`` of a shared image, as one regular file of the mount."""
@@ -171,6 +189,8 @@ class ImageFile:
             async with shared.lock:
                 await trio.to_thread.run_sync(self.image.write, base, view, limiter=shared.limiter)
         shared.allocated_dirty = True
+        if self.image.commit_due():
+            shared.commit_wanted.set()
         return n
 
     async def discard(self, off: int, length: int) -> None:
