@@ -79,7 +79,7 @@ def open_image(
         writable=writable, force=force, size_rule=size_rule,
         parent_dirs=tuple(os.path.abspath(os.fspath(d)) for d in parent_dirs),
         ignore_parent_id=ignore_parent_id)
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))   # every message names the file the same way
     if format == "raw":
         from .raw import RawImage
         return RawImage(path, writable)
