@@ -17,8 +17,6 @@ Exit status 1 when any case failed.
 from __future__ import annotations
 
 import atexit
-import json
-import lzma
 import os
 import shutil
 import sys
@@ -52,21 +50,7 @@ failures: list[str] = []
 
 
 def decompressed_corpus(work: Path) -> Path | None:
-    manifest = CORPUS / "manifest.json"
-    if not manifest.is_file():
-        return None
-    out = work / "corpus"
-    out.mkdir(parents=True, exist_ok=True)
-    for entry in json.loads(manifest.read_text())["images"]:
-        if entry["image"] not in WANTED:
-            continue
-        src, dst = CORPUS / entry["stored_as"], out / entry["image"]
-        if entry.get("compression") == "xz":
-            with lzma.open(src) as fin, open(dst, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        else:
-            shutil.copyfile(src, dst)
-    return out
+    return bi.unpack_corpus(CORPUS, work / "corpus", WANTED)
 
 
 def main() -> int:

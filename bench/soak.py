@@ -15,8 +15,6 @@ Exit status 1 when anything failed.
 from __future__ import annotations
 
 import argparse
-import json
-import lzma
 import os
 import random
 import shutil
@@ -72,19 +70,7 @@ def kill9_phase(rounds: int, seed: int, work: Path) -> tuple[int, int, list[str]
 
 
 def fuzz_phase(cases: int, seed: int, work: Path) -> tuple[int, list[str]]:
-    corpus = None
-    manifest = CORPUS / "manifest.json"
-    if manifest.is_file():
-        corpus = work / "corpus"
-        corpus.mkdir(parents=True)
-        for e in json.loads(manifest.read_text())["images"]:
-            if e["image"] in FUZZ_CORPUS:
-                src, dst = CORPUS / e["stored_as"], corpus / e["image"]
-                if e.get("compression") == "xz":
-                    with lzma.open(src) as fi, open(dst, "wb") as fo:
-                        shutil.copyfileobj(fi, fo)
-                else:
-                    shutil.copyfile(src, dst)
+    corpus = bi.unpack_corpus(CORPUS, work / "corpus", FUZZ_CORPUS)
     targets = bi.fuzz_targets(corpus, work)
     rnd = random.Random(seed)
     bounds = list(bi.BOUNDARY_U32 + bi.BOUNDARY_U64)

@@ -13,6 +13,8 @@ VHD integers are big-endian, VDI integers little-endian.
 from __future__ import annotations
 
 import hashlib
+import json
+import lzma
 import os
 import random
 import shutil
@@ -20,7 +22,7 @@ import struct
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 SECTOR = 512
 MiB = 1024 * 1024
@@ -394,6 +396,32 @@ def pattern(size: int, seed: int = 1, holes: tuple[tuple[int, int], ...] = ()) -
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def unpack_corpus(corpus: Path, out: Path, wanted: Collection[str] | None = None,
+                  read_only: bool = False) -> Path | None:
+    """Decompress the corpus images (all, or those named in ``wanted``) into ``out``.
+
+    Keeps the relative layout, so differencing images find their parents. None when the
+    corpus (its manifest.json) is absent.
+    """
+    manifest = corpus / "manifest.json"
+    if not manifest.is_file():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in json.loads(manifest.read_text())["images"]:
+        if wanted is not None and entry["image"] not in wanted:
+            continue
+        src, dst = corpus / entry["stored_as"], out / entry["image"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if entry.get("compression") == "xz":
+            with lzma.open(src) as fin, open(dst, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        else:
+            shutil.copyfile(src, dst)
+        if read_only:
+            dst.chmod(0o444)
+    return out
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

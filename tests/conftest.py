@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import shutil
 from pathlib import Path
@@ -39,17 +38,9 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     entries = corpus_entries()
     if not entries:
         pytest.skip(f"corpus not found at {CORPUS}")
-    out = tmp_path_factory.mktemp("corpus")
-    for entry in entries:
-        dst = out / entry["image"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        src = CORPUS / entry["stored_as"]
-        if entry.get("compression") == "xz":
-            with lzma.open(src) as fin, open(dst, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-        else:
-            shutil.copyfile(src, dst)
-        dst.chmod(0o444)
+    from badimages import unpack_corpus
+    out = unpack_corpus(CORPUS, tmp_path_factory.mktemp("corpus"), read_only=True)
+    assert out is not None
     return out
 
 
