@@ -226,25 +226,37 @@ class Passthrough(System):
     @contextlib.contextmanager
     def mount(self, image: Image, rw: bool, scratch: str) -> Iterator[Mounted]:
         self.check(image, rw)
-        mnt = tempfile.mkdtemp(prefix="pt.", dir=scratch)
-        logf = os.path.join(scratch, os.path.basename(mnt) + ".log")
         name = os.path.splitext(os.path.basename(image.raw))[0] + ".raw"
         cmd = [VENV_PY, os.path.join(HERE, "passthrough.py"), "--mode",
-               "cache" if self.cache else "direct", "--name", name]
-        if rw:
-            cmd.append("-w")
-        cmd += [image.raw, mnt]
-        proc = None
-        try:
-            proc, t0 = _spawn(cmd, logf)
-            path = os.path.join(mnt, name)
-            _await(path, proc, t0, mnt, logf)
-            yield Mounted(path=path, pid=proc.pid, started=t0, ready=time.perf_counter(), log=logf)
-        finally:
-            _fusermount_u(mnt)
-            _stop_proc(proc)
-            with contextlib.suppress(OSError):
-                os.rmdir(mnt)
+               "cache" if self.cache else "direct", "--name", name] + (["-w"] if rw else [])
+        with _foreground_mount(scratch, "pt.", lambda mnt: cmd + [image.raw, mnt], name) as m:
+            yield m
+
+
+@contextlib.contextmanager
+def _foreground_mount(scratch: str, prefix: str, make_cmd, name: str,
+                      unmount_cmd: list[str] | None = None) -> Iterator[Mounted]:
+    """A foreground FUSE daemon serving ``name`` in a fresh folder under ``scratch``.
+
+    ``make_cmd(mountpoint)`` is the command; ``unmount_cmd`` (mountpoint appended) is tried
+    before fusermount3. Always unmounted, stopped and cleaned up.
+    """
+    mnt = tempfile.mkdtemp(prefix=prefix, dir=scratch)
+    logf = os.path.join(scratch, os.path.basename(mnt) + ".log")
+    path = os.path.join(mnt, name)
+    proc = None
+    try:
+        proc, t0 = _spawn(make_cmd(mnt), logf)
+        _await(path, proc, t0, mnt, logf)
+        yield Mounted(path=path, pid=proc.pid, started=t0, ready=time.perf_counter(), log=logf)
+    finally:
+        if unmount_cmd and is_mount(mnt):
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run(unmount_cmd + [mnt], capture_output=True, timeout=60)
+        _fusermount_u(mnt)
+        _stop_proc(proc)
+        with contextlib.suppress(OSError):
+            os.rmdir(mnt)
 
 
 def _vhdfs_help() -> str:
@@ -282,28 +294,11 @@ class Vhdfs(System):
     @contextlib.contextmanager
     def mount(self, image: Image, rw: bool, scratch: str) -> Iterator[Mounted]:
         self.check(image, rw)
-        mnt = tempfile.mkdtemp(prefix="vhdfs.", dir=scratch)
-        logf = os.path.join(scratch, os.path.basename(mnt) + ".log")
-        cmd = [VHDFS, "mount", "-f"]
-        if rw:
-            cmd.append("-w")
-        if self.cache:
-            cmd.append("--cache")
-        cmd += [image.path, mnt]
-        path = os.path.join(mnt, os.path.splitext(os.path.basename(image.path))[0] + ".raw")
-        proc = None
-        try:
-            proc, t0 = _spawn(cmd, logf)
-            _await(path, proc, t0, mnt, logf)
-            yield Mounted(path=path, pid=proc.pid, started=t0, ready=time.perf_counter(), log=logf)
-        finally:
-            if is_mount(mnt):
-                with contextlib.suppress(subprocess.SubprocessError, OSError):
-                    subprocess.run([VHDFS, "umount", mnt], capture_output=True, timeout=60)
-            _fusermount_u(mnt)
-            _stop_proc(proc)
-            with contextlib.suppress(OSError):
-                os.rmdir(mnt)
+        cmd = [VHDFS, "mount", "-f"] + (["-w"] if rw else []) + (["--cache"] if self.cache else [])
+        name = os.path.splitext(os.path.basename(image.path))[0] + ".raw"
+        with _foreground_mount(scratch, "vhdfs.", lambda mnt: cmd + [image.path, mnt], name,
+                               unmount_cmd=[VHDFS, "umount"]) as m:
+            yield m
 
 
 class Qsd(System):
