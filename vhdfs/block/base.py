@@ -154,7 +154,8 @@ class Image(abc.ABC):
         Group commit (group_commit.py): the sync runs without ``meta_lock``, so other writers,
         allocating ones included, go on meanwhile; only entries taken before the sync are
         written after it. A daemon calls this soon after writes, so that its own crash loses
-        little of what was written but not yet flushed.
+        little of what was written but not yet flushed. Called with ``meta_lock`` already held
+        (an RLock), the lock simply stays held across the sync.
         """
         if not self._open_for_writing():
             return
@@ -166,8 +167,7 @@ class Image(abc.ABC):
             self.file.sync()
         except BaseException as exc:
             with self.meta_lock:
-                self._write_snapshot(snapshot, sync_failed=exc)   # rolls back, re-raises
-            raise
+                self._write_snapshot(snapshot, sync_failed=exc)   # rolls back and re-raises
         with self.meta_lock:
             self._write_snapshot(snapshot)
 
@@ -181,17 +181,6 @@ class Image(abc.ABC):
 
     def _open_for_writing(self) -> bool:
         return self.writable and self.file is not None and self.file.fd >= 0
-
-    def _commit_locked(self) -> None:
-        """``commit`` for a caller that holds ``meta_lock`` and must not let go of it."""
-        snapshot = self._pending_snapshot()
-        if snapshot is not None:
-            try:
-                self.file.sync()
-            except BaseException as exc:
-                self._write_snapshot(snapshot, sync_failed=exc)   # rolls back, re-raises
-                raise
-            self._write_snapshot(snapshot)
 
     def _pending_snapshot(self) -> object | None:
         """A copy of the pending metadata (caller holds ``meta_lock``); None when there is none."""

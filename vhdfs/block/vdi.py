@@ -283,7 +283,7 @@ class VdiImage(Image):
 
     def _set_entries(self, first: int, values: list[int]) -> None:
         """Durably write map entries ``first..`` (one pwrite), then publish them in memory."""
-        self._commit_locked()   # a pending entry for one of these blocks must not land after them
+        self.commit()   # a pending entry for one of these blocks must not land after them
         self.file.pwrite(fmt.pack_entries(values), self.header.offset_bmap + 4 * first)
         self.file.sync()
         self.bmap[first:first + len(values)] = array(self.bmap.typecode, values)
@@ -309,7 +309,7 @@ class VdiImage(Image):
         self._zero_fill(last * bs, end)
         self._renew_modify_uuid()
         with self.meta_lock:
-            self._commit_locked()   # a pending entry for a discarded block must not land after its marker
+            self.commit()   # a pending entry for a discarded block must not land after its marker
             runs: list[tuple[int, int]] = []
             for block in range(first, last):
                 entry = self.bmap[block]

@@ -364,19 +364,21 @@ class SparseVhd(Image):
         due = {i: e for i, e in bat.items() if self._pending_bat.get(i) == e}
         unwritten = dict(due)
         blocks = [i for i, bm in sorted(bitmaps.items()) if self._pending_bitmaps.get(i) is bm]
+        written = 0
         try:
             if sync_failed is not None:
                 raise sync_failed
             write_entry_runs(self.file, self.header.table_offset, ">", unwritten)
-            while blocks:
-                self.file.pwrite(self._pending_bitmaps[blocks[0]], self.bat[blocks[0]] * fmt.SECTOR)
-                del self._pending_bitmaps[blocks.pop(0)]
+            for i in blocks:
+                self.file.pwrite(self._pending_bitmaps[i], self.bat[i] * fmt.SECTOR)
+                del self._pending_bitmaps[i]
+                written += 1
         except BaseException:
             for i in unwritten:          # entries the file lacks: the blocks were never there
                 self.bat[i] = fmt.UNUSED_BAT
                 self._pending_bitmaps.pop(i, None)
                 self._forget(i)
-            for i in blocks:             # bits the file lacks: back to what it holds
+            for i in blocks[written:]:   # bits the file lacks: back to what it holds
                 self._pending_bitmaps.pop(i, None)
                 self._forget(i)
             raise
@@ -420,7 +422,7 @@ class SparseVhd(Image):
         self._ensure_footer()
         B, pos, end = self.block_size, offset, offset + length
         with self.meta_lock:
-            self._commit_locked()   # a freed entry must not be overwritten by a pending one later
+            self.commit()   # a freed entry must not be overwritten by a pending one later
             while pos < end:
                 i = pos // B
                 n = min((i + 1) * B, end) - pos
