@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 with atheris.instrument_imports(include=["vhdfs"]):
     import vhdfs.block.chain  # noqa: F401
-    import vhdfs.block.vhd  # noqa: F401
+    import vhdfs.formats.vhd  # noqa: F401
     import vhdfs.cli  # noqa: F401
     try:
-        import vhdfs.block.vdi  # noqa: F401
+        import vhdfs.formats.vdi.image  # noqa: F401
     except ImportError:
         pass
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from vhdfs.block import Kind, open_image
-from vhdfs.fs.partitions import find_partitions  # pure parsing; needs no FUSE at run time
+from vhdfs.block.partitions import find_partitions  # pure parsing; needs no FUSE at run time
 
 
 def main(path: str) -> int:

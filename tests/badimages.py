@@ -896,8 +896,8 @@ def _b_vdi_link_missing(d, c):
 
 CASES: list[Case] = [
     # -- VHD: truncation ---------------------------------------------------------------------
-    Case("zero-length", _b_zero, "FormatError", ("empty file",)),
-    Case("vhd-shorter-than-footer", _b_tiny, "FormatError", ("not a VHD or VDI image",)),
+    Case("zero-length", _b_zero, "NotAnImageError", ("empty file",)),
+    Case("vhd-shorter-than-footer", _b_tiny, "NotAnImageError", ("not a VHD",)),
     Case("dyn-truncated-in-footer", _b_dyn_trunc_footer, None,
          warnings=("no footer at the end of the file; using the copy at offset 0",),
          writable_refused=True, check_finds=("no footer at the end",)),
@@ -911,18 +911,18 @@ CASES: list[Case] = [
          ("BAT entry 0 points past the end of the file",)),
     Case("corpus-dyn-truncated-in-block", _b_corpus_trunc_block, "FormatError",
          ("points past the end of the file",), needs_corpus=True),
-    Case("fixed-truncated-in-footer", _b_fixed_trunc_footer, "FormatError",
-         ("not a VHD or VDI image",)),
-    Case("fixed-truncated-in-data", _b_fixed_trunc_data, "FormatError",
-         ("not a VHD or VDI image",)),
+    Case("fixed-truncated-in-footer", _b_fixed_trunc_footer, "NotAnImageError",
+         ("not a VHD",)),
+    Case("fixed-truncated-in-data", _b_fixed_trunc_data, "NotAnImageError",
+         ("not a VHD",)),
     # -- VHD: cookies and checksums ------------------------------------------------------------
-    Case("dyn-wrong-cookie-both-footers", _b_dyn_cookie_both, "FormatError",
-         ("not a VHD or VDI image",)),
+    Case("dyn-wrong-cookie-both-footers", _b_dyn_cookie_both, "NotAnImageError",
+         ("not a VHD",)),
     Case("dyn-wrong-cookie-tail-footer", _b_dyn_cookie_tail, None,
          warnings=("using the copy at offset 0",), writable_refused=True),
     Case("dyn-wrong-header-cookie", _b_dyn_header_cookie, "FormatError",
          ("no dynamic disk header (cookie 'cxsparse' not found)",)),
-    Case("fixed-wrong-cookie", _b_fixed_cookie, "FormatError", ("not a VHD or VDI image",)),
+    Case("fixed-wrong-cookie", _b_fixed_cookie, "NotAnImageError", ("not a VHD",)),
     Case("dyn-bad-footer-checksum-tail", _b_dyn_csum_tail, None,
          warnings=("footer checksum mismatch (stored 0x12345678); using the copy at offset 0",),
          writable_refused=True, check_finds=("footer checksum mismatch",)),
@@ -1007,10 +1007,10 @@ CASES: list[Case] = [
     Case("diff-parent-broken", _b_diff_parent_broken, "ChainError",
          ("cannot be opened", "runs past the end of the file")),
     # -- VDI ------------------------------------------------------------------------------------
-    Case("vdi-bad-signature", _b_vdi_signature, "FormatError", ("not a VHD or VDI image",),
+    Case("vdi-bad-signature", _b_vdi_signature, "NotAnImageError", ("not a VHD",),
          fmt="vdi"),
-    Case("corpus-vdi-bad-signature", _b_vdi_corpus_signature, "FormatError",
-         ("not a VHD or VDI image",), needs_corpus=True, fmt="vdi"),
+    Case("corpus-vdi-bad-signature", _b_vdi_corpus_signature, "NotAnImageError",
+         ("not a VHD",), needs_corpus=True, fmt="vdi"),
     Case("vdi-truncated-in-header", _b_vdi_trunc_header, "FormatError",
          ("truncated: the VDI header needs 456 bytes, file has 256",), fmt="vdi"),
     Case("vdi-truncated-in-map", _b_vdi_trunc_map, "FormatError",
@@ -1230,7 +1230,7 @@ def sparse_read(img, budget: int = 256 * MiB) -> None:
     of its zeros would only measure Python's speed. Every byte that lives in a file is still
     visited as long as the total stays within ``budget``.
     """
-    from vhdfs.block.base import Kind
+    from vhdfs.block.image import Kind
 
     spent = 0
     for ext in img.extents(0, img.size):

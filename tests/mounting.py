@@ -109,7 +109,7 @@ def mounted(images: Sequence[str | os.PathLike[str]], mountpoint: str | os.PathL
     m = Mount(mp, proc, logf)
     try:
         deadline = time.monotonic() + timeout
-        from vhdfs.fs import state
+        from vhdfs.service import state
 
         # Ready = the daemon recorded itself (after reading its own first file through the mount).
         while not (os.path.ismount(mp) and (state.read(str(mp), ".json") or {}).get("pid") == proc.pid):

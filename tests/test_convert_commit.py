@@ -25,9 +25,6 @@ ENTRIES = {e["image"]: e for e in corpus_entries()}
 
 
 
-def need(*modules: str) -> None:
-    for m in modules:
-        pytest.importorskip(f"vhdfs.block.{m}")
 
 
 
@@ -80,7 +77,7 @@ def copy_chain(corpus: Path, tmp: Path, top: str) -> Path:
 
 def test_convert_raw_to_raw_is_sparse_and_identical(tmp_path: Path) -> None:
     from vhdfs.block import open_image
-    from vhdfs.block.convert import convert
+    from vhdfs.tools.convert import convert
 
     src = tmp_path / "src.raw"
     with open(src, "wb") as f:
@@ -103,7 +100,7 @@ def test_convert_raw_to_raw_is_sparse_and_identical(tmp_path: Path) -> None:
 
 def test_convert_refuses_existing_output_and_cleans_up_on_failure(tmp_path: Path) -> None:
     from vhdfs.block import open_image
-    from vhdfs.block.convert import convert
+    from vhdfs.tools.convert import convert
     from vhdfs.errors import UsageError
 
     src = tmp_path / "src.raw"
@@ -129,7 +126,6 @@ def test_convert_refuses_existing_output_and_cleans_up_on_failure(tmp_path: Path
 
 
 def test_convert_cli_raw_source_needs_from_or_raw_name(tmp_path: Path) -> None:
-    need("vhd", "vdi")
     src = tmp_path / "disk.data"
     src.write_bytes(os.urandom(64 * 1024))
     proc = vhdfs("convert", src, tmp_path / "out.raw")
@@ -153,9 +149,6 @@ CONVERT_CASES = [
 def test_convert_corpus_image(name: str, to: str, corpus_dir: Path, tmp_path: Path) -> None:
     if name not in ENTRIES:
         pytest.skip(f"{name} not in corpus")
-    need(ENTRIES[name]["format"])
-    if to != "raw":
-        need(to, f"{to}_create")
     dst = tmp_path / f"out.{to}"
     proc = vhdfs("convert", "--to", to, corpus_dir / name, dst)
     assert proc.returncode == 0, proc.stderr
@@ -178,7 +171,6 @@ def test_convert_chain_to_flat_dynamic_vhd(corpus_dir: Path, tmp_path: Path) -> 
     """qemu cannot read the chain, but it can read what convert makes of it."""
     if "xo-child2.vhd" not in ENTRIES:
         pytest.skip("xo chain not in corpus")
-    need("vhd", "vhd_create")
     dst = tmp_path / "flat.vhd"
     proc = vhdfs("convert", "--to", "vhd", "--type", "dynamic", corpus_dir / "xo-child2.vhd", dst)
     assert proc.returncode == 0, proc.stderr
@@ -191,7 +183,6 @@ def test_convert_chain_to_flat_dynamic_vhd(corpus_dir: Path, tmp_path: Path) -> 
 def test_convert_to_fixed_vhd(corpus_dir: Path, tmp_path: Path) -> None:
     if "dissect-win10-ntfs-dynamic.vhd" not in ENTRIES:
         pytest.skip("image not in corpus")
-    need("vhd", "vhd_create")
     dst = tmp_path / "fixed.vhd"
     proc = vhdfs("convert", "--type", "fixed", corpus_dir / "dissect-win10-ntfs-dynamic.vhd", dst)
     assert proc.returncode == 0, proc.stderr
@@ -206,7 +197,7 @@ def _make_chain(tmp: Path, fmt: str = "vhd") -> tuple[Path, Path, bytes]:
     """A dynamic base with some data, a differencing child with writes that straddle sectors and
     blocks; returns the paths and the child's full view (what the parent must read after commit)."""
     from vhdfs.block import open_image
-    from vhdfs.block.create import create_image
+    from vhdfs.tools.create import create_image
 
     base, child = tmp / f"base.{fmt}", tmp / f"child.{fmt}"
     create_image(base, format=fmt, type="dynamic", size=8 * MiB, block_size=MiB)
@@ -224,9 +215,8 @@ def _make_chain(tmp: Path, fmt: str = "vhd") -> tuple[Path, Path, bytes]:
 
 
 def test_commit_parent_reads_as_child_did(tmp_path: Path) -> None:
-    need("vhd", "vhd_create")
     from vhdfs.block import open_image
-    from vhdfs.block.commit import commit
+    from vhdfs.tools.commit import commit
 
     base, child, view = _make_chain(tmp_path)
     child_before = file_sha(child)
@@ -244,7 +234,6 @@ def test_commit_parent_reads_as_child_did(tmp_path: Path) -> None:
 
 
 def test_commit_cli_remove_deletes_child(tmp_path: Path) -> None:
-    need("vhd", "vhd_create")
     from vhdfs.block import open_image
 
     base, child, view = _make_chain(tmp_path)
@@ -257,9 +246,8 @@ def test_commit_cli_remove_deletes_child(tmp_path: Path) -> None:
 
 
 def test_commit_interrupted_then_rerun_completes(tmp_path: Path) -> None:
-    need("vhd", "vhd_create")
     from vhdfs.block import open_image
-    from vhdfs.block.commit import commit
+    from vhdfs.tools.commit import commit
 
     base, child, view = _make_chain(tmp_path)
     child_before = file_sha(child)
@@ -280,8 +268,7 @@ def test_commit_interrupted_then_rerun_completes(tmp_path: Path) -> None:
 
 
 def test_commit_refuses_a_non_differencing_image(tmp_path: Path) -> None:
-    need("vhd", "vhd_create")
-    from vhdfs.block.create import create_image
+    from vhdfs.tools.create import create_image
 
     base = tmp_path / "base.vhd"
     create_image(base, size=4 * MiB)
@@ -295,7 +282,6 @@ def test_commit_corpus_xo_chain(corpus_dir: Path, tmp_path: Path) -> None:
     """child2 into child1, then child1 into the base: the base alone ends up as the full chain."""
     if "xo-child2.vhd" not in ENTRIES:
         pytest.skip("xo chain not in corpus")
-    need("vhd")
     top = copy_chain(corpus_dir, tmp_path, "xo-child2.vhd")
     want = expected("xo-child2.vhd")
     proc = vhdfs("commit", "--remove", top)
@@ -311,7 +297,6 @@ def test_commit_corpus_xo_chain(corpus_dir: Path, tmp_path: Path) -> None:
 
 def test_commit_vdi_child(tmp_path: Path) -> None:
     """A VirtualBox-style snapshot (differencing VDI) commits into its parent the same way."""
-    need("vdi", "vdi_create")
     from vhdfs.block import open_image
 
     base, child, view = _make_chain(tmp_path, "vdi")
@@ -326,7 +311,6 @@ def test_commit_vdi_child(tmp_path: Path) -> None:
 
 
 def test_convert_vdi_chain_to_raw(tmp_path: Path) -> None:
-    need("vdi", "vdi_create")
     base, child, view = _make_chain(tmp_path, "vdi")
     dst = tmp_path / "flat.raw"
     proc = vhdfs("convert", child, dst)

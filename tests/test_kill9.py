@@ -177,7 +177,7 @@ class Kill9Harness:
         self.generation = 0
 
     def fresh(self) -> None:
-        from vhdfs.block.vhd_create import create_vhd
+        from vhdfs.formats.vhd.create import create_vhd
 
         self.generation += 1
         d = self.work / f"{self.kind}-{self.generation}"
@@ -256,7 +256,6 @@ class Kill9Harness:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", ["dynamic", "differencing"])
 def test_kill9_rounds(kind: str, tmp_path: Path) -> None:
-    pytest.importorskip("vhdfs.block.vhd_create")
     rounds = (ROUNDS + 1) // 2
     h = Kill9Harness(tmp_path, kind, seed=zlib.crc32(kind.encode()))  # same rounds every run
     for _ in range(rounds):
@@ -272,7 +271,7 @@ def test_concurrent_writers_allocate_once(tmp_path: Path) -> None:
     """Many writers hit the same two unallocated blocks at once; readers run alongside."""
     from vhdfs.block import open_image
 
-    vc = pytest.importorskip("vhdfs.block.vhd_create")
+    import vhdfs.formats.vhd.create as vc
     img = tmp_path / "c.vhd"
     B = 2 * 1024 * 1024
     vc.create_vhd(img, 8 * 1024 * 1024, "dynamic")
@@ -352,7 +351,6 @@ def test_unsynced_writes_survive_a_kill_after_the_commit_interval(kind: str, tmp
     second: writes never fsynced, killed a few intervals later, must all read back."""
     from vhdfs.fs.daemon import COMMIT_INTERVAL
 
-    pytest.importorskip("vhdfs.block.vhd_create")
     h = Kill9Harness(tmp_path, kind, seed=3)
     h.fresh()
     assert h.image is not None and h.shadow is not None

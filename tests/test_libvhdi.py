@@ -22,7 +22,7 @@ import pytest
 from conftest import corpus_entries, needs_root
 from mounting import force_unmount, sha256_file
 from vhdfs.block import open_image
-from vhdfs.block.vhd_create import create_vhd
+from vhdfs.formats.vhd.create import create_vhd
 
 pytestmark = [needs_root, pytest.mark.skipif(shutil.which("vhdimount") is None,
                                               reason="vhdimount (libvhdi-utils) not installed")]

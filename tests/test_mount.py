@@ -142,8 +142,6 @@ def test_bad_input_one_line_nothing_mounted(tmp_path: Path, case: str) -> None:
         _raw(img, 4096)
         (mp / "junk").write_text("x")
     elif case in ("garbage", "missing_parent"):
-        pytest.importorskip("vhdfs.block.vhd")
-        pytest.importorskip("vhdfs.block.vdi")
         if case == "garbage":
             _raw(img, 1 << 20)
         else:
@@ -171,7 +169,7 @@ def test_fio_concurrent_readers_and_writers(tmp_path: Path, kind: str) -> None:
         img.write_bytes(bytes(32 << 20))
         opts = ["--format", "raw"]
     else:
-        from vhdfs.block.vhd_create import create_vhd
+        from vhdfs.formats.vhd.create import create_vhd
         base = tmp_path / "base.vhd"
         create_vhd(str(base), 32 << 20, "dynamic", block_size=1 << 20)
         img = base
@@ -206,8 +204,6 @@ def _readable_corpus() -> list[dict]:
 @needs_root
 @pytest.mark.parametrize("entry", _readable_corpus(), ids=lambda e: e["image"])
 def test_corpus_image_reads_as_manifest(corpus_dir: Path, tmp_path: Path, entry: dict) -> None:
-    pytest.importorskip(f"vhdfs.block.{entry['format']}")
-    pytest.importorskip("vhdfs.block.vhd")
     with mounted([corpus_dir / entry["image"]], tmp_path / "mnt", "--no-partitions") as m:
         f = m.file(Path(entry["image"]).stem + ".raw")
         assert f.stat().st_size == entry["expected_raw"]["size"]
@@ -216,7 +212,6 @@ def test_corpus_image_reads_as_manifest(corpus_dir: Path, tmp_path: Path, entry:
 
 @needs_root
 def test_dynamic_vhd_filesystem_roundtrip_via_qemu(tmp_path: Path) -> None:
-    pytest.importorskip("vhdfs.block.vhd")
     if not shutil.which("qemu-img"):
         pytest.skip("qemu-img missing")
     img = tmp_path / "disk.vhd"
@@ -240,7 +235,6 @@ def test_dynamic_vhd_filesystem_roundtrip_via_qemu(tmp_path: Path) -> None:
 
 @needs_root
 def test_differencing_child_over_corpus_parent(corpus_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("vhdfs.block.vhd")
     name = "qemu-dynamic-gpt-fat32-ext4.vhd"
     if not (corpus_dir / name).exists():
         pytest.skip(f"{name} not in the corpus")
@@ -295,7 +289,6 @@ def test_differencing_child_over_corpus_parent(corpus_dir: Path, tmp_path: Path)
 
 @needs_root
 def test_snapshot_leaves_base_unchanged(tmp_path: Path) -> None:
-    pytest.importorskip("vhdfs.block.vhd")
     base = tmp_path / "base.vhd"
     run([*_create(), "--type", "dynamic", "--size", "16M", base])
     before = sha256_file(base)
@@ -336,7 +329,8 @@ async def test_unexpected_error_is_eio_and_switches_to_failsafe() -> None:
     import pyfuse3
     import trio
 
-    from vhdfs.fs.image_file import ImageFile, SharedImage
+    from vhdfs.aio.export import Export as ImageFile
+    from vhdfs.aio.image import AsyncImage as SharedImage
     from vhdfs.fs.operations import VhdfsOperations
 
     shared = SharedImage(_Exploding(), True, trio.CapacityLimiter(2))  # type: ignore[arg-type]
@@ -362,9 +356,10 @@ async def test_failed_background_commit_is_reported_once_at_the_next_fsync(tmp_p
     import trio
 
     from vhdfs.block import open_image
-    from vhdfs.block.raw_io import RawFile
-    from vhdfs.block.vhd_create import create_vhd
-    from vhdfs.fs.image_file import ImageFile, SharedImage
+    from vhdfs.block.rawfile import RawFile
+    from vhdfs.formats.vhd.create import create_vhd
+    from vhdfs.aio.export import Export as ImageFile
+    from vhdfs.aio.image import AsyncImage as SharedImage
     from vhdfs.fs.operations import VhdfsOperations
 
     path = tmp_path / "d.vhd"

@@ -13,8 +13,8 @@ import pytest
 from conftest import needs_root
 from mounting import fs_mounted, mounted, partition_device, run, sfdisk_partitions
 
-from vhdfs.block.raw import RawImage
-from vhdfs.fs.partitions import find_partitions
+from vhdfs.formats.raw import RawImage
+from vhdfs.block.partitions import find_partitions
 
 MBR_LAYOUT = "label: dos\n,4M,L\n,3M,83\n,,E\n,2M,L\n,,L\n"          # p1 p2, extended p3 with p5 p6
 GPT_LAYOUT = "label: gpt\n,3M,L\n,2M,L\n,1M,L\n,,L\n"

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import corpus_entries
 from vhdfs.block import open_image
-from vhdfs.block.vdi import VdiImage
-from vhdfs.block.vdi_create import create_vdi
+from vhdfs.formats.vdi.image import VdiImage
+from vhdfs.formats.vdi.create import create_vdi
 from vhdfs.errors import ChainError, FormatError, UnsupportedError, VhdfsError
-from vhdfs.format import vdi as fmt
+from vhdfs.formats.vdi import spec as fmt
 
 MIB = 1 << 20
 VDI_ENTRIES = [e for e in corpus_entries() if e["format"] == "vdi"]
@@ -212,8 +212,8 @@ def test_check_finds_duplicates_and_count_mismatch(tmp_path: Path) -> None:
     patch(path, 0x184, struct.pack("<I", 1))     # header claims 1 block allocated
     with open_image(path) as img:
         problems = img.check()
-        assert any("more than one map entry" in p for p in problems)
-        assert any("blocks_allocated" in p for p in problems)
+        assert any("more than one map entry" in p.text for p in problems)
+        assert any("blocks_allocated" in p.text for p in problems)
 
 
 def test_stale_blocks_allocated_never_reuses_an_index(tmp_path: Path) -> None:

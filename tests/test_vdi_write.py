@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vhdfs.block import open_image
-from vhdfs.block.vdi_create import create_vdi
+from vhdfs.formats.vdi.create import create_vdi
 
 MIB = 1 << 20
 QEMU_IMG = shutil.which("qemu-img")

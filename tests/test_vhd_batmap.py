@@ -8,8 +8,8 @@ from pathlib import Path
 
 from vhd_helpers import read_footer, write_footer
 from vhdfs.block import open_image
-from vhdfs.block.vhd_create import create_vhd
-from vhdfs.format import vhd as fmt
+from vhdfs.formats.vhd.create import create_vhd
+from vhdfs.formats.vhd import spec as fmt
 
 MiB = 1024 * 1024
 HDR, MAP = 2048, 2560
@@ -91,7 +91,7 @@ def test_batmap_with_bad_checksum_is_ignored_then_cleared(tmp_path: Path) -> Non
         f.write(b"\x80")
     with open_image(p) as img:
         assert img.read(0, 1024) == b"x" * 512 + bytes(512)   # the bit is not trusted
-        assert any("batmap checksum" in c for c in img.check())
+        assert any("batmap checksum" in c.text for c in img.check())
     with open_image(p, writable=True, force=True) as img:
         img.write(6 * MiB, b"y")
     assert _batmap_state(p) == (0x00, True)

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from conftest import corpus_entries
 from vhd_helpers import qemu_check_ok, qemu_info_size, qemu_raw, read_footer, read_header, sha256
 from vhdfs.block import Kind, open_image
-from vhdfs.block.vhd_create import create_vhd
+from vhdfs.formats.vhd.create import create_vhd
 from vhdfs.errors import ReadOnlyError, UsageError
-from vhdfs.format import vhd as fmt
+from vhdfs.formats.vhd import spec as fmt
 
 VHD_ENTRIES = [e for e in corpus_entries() if e["image"].endswith(".vhd")]
 MiB = 1024 * 1024

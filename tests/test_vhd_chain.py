@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from vhd_helpers import qemu_info_size, patch_footer, patch_header, read_footer, read_header, set_locators, sha256
 from vhdfs.block import Kind, open_image
-from vhdfs.block.vhd_create import create_vhd
+from vhdfs.formats.vhd.create import create_vhd
 from vhdfs.errors import ChainError, UsageError
-from vhdfs.format import vhd as fmt
+from vhdfs.formats.vhd import spec as fmt
 
 MiB = 1024 * 1024
 

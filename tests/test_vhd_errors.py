@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from vhd_helpers import patch_footer, patch_header, read_footer, read_header, sha256
 from vhdfs.block import open_image
-from vhdfs.block.vhd_create import create_vhd
+from vhdfs.formats.vhd.create import create_vhd
 from vhdfs.errors import FormatError, UnsupportedError, VhdfsError
-from vhdfs.format import vhd as fmt
+from vhdfs.formats.vhd import spec as fmt
 
 MiB = 1024 * 1024
 
@@ -69,7 +69,7 @@ def test_overlapping_bat_entries_are_a_finding_and_refuse_writing(tmp_path: Path
         f.seek(1536 + 4)
         f.write(bat[:4])
     with open_image(p) as img:
-        assert any("overlap" in c for c in img.check())
+        assert any("overlap" in c.text for c in img.check())
     _refused(p, "overlap", writable=True)
 
 
@@ -87,7 +87,7 @@ def test_bad_footer_checksum_read_only_warns_writable_refuses(tmp_path: Path, ki
             f.write(b"\x01")
     with open_image(p) as img:
         assert img.read(0, 512) == bytes(512)
-        assert any("checksum" in c for c in img.check())
+        assert any("checksum" in c.text for c in img.check())
     assert "checksum" in capsys.readouterr().err
     _refused(p, "checksum.*refusing to open for writing", writable=True)
     with open_image(p, writable=True, force=True) as img:
@@ -105,7 +105,7 @@ def test_bad_tail_checksum_falls_back_to_the_head_copy(tmp_path: Path) -> None:
         f.write(b"\0\0\0\0")
     with open_image(p) as img:
         assert img.size == MiB
-        assert any("using the copy at offset 0" in c for c in img.check())
+        assert any("using the copy at offset 0" in c.text for c in img.check())
     with open_image(p, writable=True, force=True) as img:
         img.write(0, b"x")
     with open_image(p) as img:
@@ -119,7 +119,7 @@ def test_bad_header_checksum(tmp_path: Path) -> None:
         f.seek(512 + 0x300)
         f.write(b"\x07")
     with open_image(p) as img:
-        assert any("header checksum" in c for c in img.check())
+        assert any("header checksum" in c.text for c in img.check())
     _refused(p, "header checksum", writable=True)
 
 
@@ -129,7 +129,7 @@ def test_head_only_footer_read_only_then_forced_repair(tmp_path: Path) -> None:
     os.truncate(p, p.stat().st_size - 512)
     with open_image(p) as img:
         assert img.read(0, img.size) == data
-        assert any("no footer at the end" in c for c in img.check())
+        assert any("no footer at the end" in c.text for c in img.check())
     _refused(p, "no footer", writable=True)
     with open_image(p, writable=True, force=True) as img:
         img.write(2 * MiB, b"C" * 10)     # allocation writes a footer at the new end
@@ -206,8 +206,8 @@ def test_huge_locator_length_is_ignored_not_allocated(tmp_path: Path) -> None:
     patch_header(child, locators=h.locators)
     with open_image(child) as img:      # found by its header name instead
         assert len(img.chain) == 2
-        assert any("outside the file" in c for c in img.check())
-        assert any("invalid data space" in c for c in img.check())
+        assert any("outside the file" in c.text for c in img.check())
+        assert any("invalid data space" in c.text for c in img.check())
 
 
 def test_not_a_vhd(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhdfs.block.vhd_bitmap import all_set, count_set, runs, set_bits
+from vhdfs.formats.vhd.bitmap import all_set, count_set, runs, set_bits
 from vhdfs.errors import FormatError
-from vhdfs.format import vhd as fmt
+from vhdfs.formats.vhd import spec as fmt
 
 
 def test_checksum_is_ones_complement_of_byte_sum_without_the_field() -> None:

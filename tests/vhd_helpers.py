@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-from vhdfs.format import vhd as fmt
+from vhdfs.formats.vhd import spec as fmt
 
 QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
 

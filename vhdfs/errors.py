@@ -40,6 +40,13 @@ class FormatError(VhdfsError):
     exit_code = 3
 
 
+class NotAnImageError(FormatError):
+    """No driver recognises the file: it is not an image of any format vhdfs reads."""
+
+    errno = errno.EIO
+    exit_code = 3
+
+
 class UnsupportedError(FormatError):
     """A valid structure vhdfs does not handle; the message says which."""
 

@@ -8,25 +8,18 @@ are always opened read-only, so the kernel itself keeps them unchanged.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Iterable
 
-from ..errors import ChainError, FormatError, VhdfsError
-from .base import Image, OpenOptions, ParentRef
+from ..errors import ChainError, NotAnImageError, UsageError, VhdfsError
+from .driver import Driver, ProbeData, driver, drivers, image_titles
+from .image import Image, OpenOptions, ParentRef
 
 MAX_DEPTH = 256
-# Format name -> module with ``probe(head, tail, file_size)`` and ``open_layer(path, options)``.
-DRIVERS = {"vhd": "vhdfs.block.vhd", "vdi": "vhdfs.block.vdi"}
-IMAGE_SUFFIXES = {"vhd": (".vhd", ".avhd"), "vdi": (".vdi",)}
-
-
-def _driver(fmt: str):  # noqa: ANN202 - a module
-    return importlib.import_module(DRIVERS[fmt])
 
 
 def probe_format(path: str) -> str:
-    """Which driver reads ``path``; a FormatError when none does."""
+    """Which driver reads ``path`` (the highest probe score wins); NotAnImageError when none does."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -37,31 +30,47 @@ def probe_format(path: str) -> str:
         raise VhdfsError(exc.strerror or str(exc), path) from None
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, 1024, 0)
-        tail = os.pread(fd, 1024, max(0, size - 1024)) if size else b""
+        if size == 0:
+            raise NotAnImageError(f"empty file: not a {image_titles()} image", path)
+        head = os.pread(fd, ProbeData.HEAD_BYTES, 0)
+        tail = os.pread(fd, ProbeData.TAIL_BYTES, max(0, size - ProbeData.TAIL_BYTES))
+        data = ProbeData(head, tail, size, fd)
+        best: Driver | None = None
+        best_score = 0
+        for d in drivers():
+            score = d.probe(data)
+            if score > best_score:
+                best, best_score = d, score
     finally:
         os.close(fd)
-    if size == 0:
-        raise FormatError("empty file: not a VHD or VDI image", path)
-    for fmt in DRIVERS:
-        if _driver(fmt).probe(head, tail, size):
-            return fmt
-    for fmt in DRIVERS:  # slower second looks (e.g. a footer followed by padding)
-        probe_slow = getattr(_driver(fmt), "probe_slow", None)
-        if probe_slow is not None:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if probe_slow(fd, size):
-                    return fmt
-            finally:
-                os.close(fd)
-    raise FormatError("not a VHD or VDI image (no VHD footer, no VDI signature)", path)
+    if best is None:
+        raise NotAnImageError(f"not a {image_titles()} image (no format's signature found)", path)
+    return best.name
 
 
 def open_layer(path: str, options: OpenOptions, fmt: str | None = None) -> Image:
     """One layer, parents not attached."""
-    fmt = fmt or probe_format(path)
-    return _driver(fmt).open_layer(path, options)
+    return driver(fmt or probe_format(path)).open_layer(path, options)
+
+
+def make_options(
+    writable: bool = False, *, parent_dirs: Iterable[str | os.PathLike[str]] = (),
+    force: bool = False, ignore_parent_id: bool = False, **driver_options: str,
+) -> OpenOptions:
+    """``OpenOptions`` from keywords; ``driver_options`` are format options such as VHD's size_rule."""
+    known = {o.name: o for d in drivers() for o in d.options}
+    extra: dict[str, str] = {}
+    for name, value in driver_options.items():
+        opt = known.get(name)
+        if opt is None:
+            raise TypeError(f"unknown image option {name!r}")
+        if value not in opt.choices:
+            raise UsageError(f"{opt.flag} must be one of {', '.join(opt.choices)}, not {value!r}")
+        extra[name] = value
+    return OpenOptions(
+        writable=writable, force=force,
+        parent_dirs=tuple(os.path.abspath(os.fspath(d)) for d in parent_dirs),
+        ignore_parent_id=ignore_parent_id, extra=extra)
 
 
 def open_image(
@@ -70,19 +79,18 @@ def open_image(
     *,
     parent_dirs: Iterable[str | os.PathLike[str]] = (),
     force: bool = False,
-    size_rule: str = "auto",
     ignore_parent_id: bool = False,
     format: str | None = None,
+    **driver_options: str,
 ) -> Image:
-    """Open an image for reading (or writing its top layer) with its whole parent chain."""
-    options = OpenOptions(
-        writable=writable, force=force, size_rule=size_rule,
-        parent_dirs=tuple(os.path.abspath(os.fspath(d)) for d in parent_dirs),
-        ignore_parent_id=ignore_parent_id)
+    """Open an image for reading (or writing its top layer) with its whole parent chain.
+
+    ``format`` names a driver (default: probe); ``driver_options`` are format options such as
+    VHD's ``size_rule="chs"``.
+    """
+    options = make_options(writable, parent_dirs=parent_dirs, force=force,
+                           ignore_parent_id=ignore_parent_id, **driver_options)
     path = os.path.abspath(os.fspath(path))   # every message names the file the same way
-    if format == "raw":
-        from .raw import RawImage
-        return RawImage(path, writable)
     top = open_layer(path, options, format)
     try:
         attach_parents(top, options)
@@ -99,9 +107,7 @@ def _file_key(path: str) -> tuple[int, int]:
 
 def attach_parents(top: Image, options: OpenOptions) -> None:
     """Walk ``parent_ref`` links from ``top``, opening each parent read-only."""
-    parent_options = OpenOptions(
-        writable=False, force=options.force, size_rule=options.size_rule,
-        parent_dirs=options.parent_dirs, ignore_parent_id=options.ignore_parent_id)
+    parent_options = options.for_parent()
     seen = {_file_key(top.path): top.path}
     img = top
     while img.parent_ref is not None:
@@ -118,19 +124,8 @@ def attach_parents(top: Image, options: OpenOptions) -> None:
 
 
 def _candidates(child: Image, ref: ParentRef, options: OpenOptions) -> list[str]:
-    out: list[str] = list(ref.candidates)
-    for folder in options.parent_dirs:
-        out.extend(os.path.join(folder, name) for name in ref.search_names)
-    if ref.match_by_id_in_dirs:
-        for folder in (os.path.dirname(child.path), *options.parent_dirs):
-            try:
-                names = sorted(os.listdir(folder))
-            except OSError:
-                continue
-            out.extend(os.path.join(folder, n) for n in names
-                       if n.lower().endswith(IMAGE_SUFFIXES[ref.format]))
     unique: list[str] = []
-    for cand in out:
+    for cand in driver(ref.format).parent_candidates(child, ref, options.parent_dirs):
         cand = os.path.abspath(cand)
         if cand not in unique:
             unique.append(cand)
@@ -148,13 +143,13 @@ def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
             continue
         key = _file_key(cand)
         if key in seen:
-            if ref.match_by_id_in_dirs:
+            if ref.scan:
                 continue  # scanning a folder finds the child itself and its descendants
             raise ChainError(f"chain loops: parent {cand} is already in the chain above it", child.path)
         try:
             parent = open_layer(cand, options)
         except VhdfsError as exc:
-            if ref.match_by_id_in_dirs:
+            if ref.scan:
                 continue
             problems.append(str(exc))
             continue
@@ -162,7 +157,7 @@ def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
             problems.append(f"{cand} is a {parent.format} image; a {ref.format} child needs a {ref.format} parent")
             parent.close()
             continue
-        if ref.matches(parent) or (options.ignore_parent_id and not ref.match_by_id_in_dirs):
+        if ref.matches(parent) or (options.ignore_parent_id and not ref.scan):
             return parent
         mismatches.append(f"{cand} has id {parent.identity()}")
         parent.close()

@@ -12,9 +12,13 @@ import importlib
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Sequence
 
 from .. import __version__
 from ..errors import UsageError, VhdfsError
+
+if TYPE_CHECKING:
+    from ..block.image import Image
 
 # Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ("info", "create", "check", "mount", "umount", "convert", "commit")
@@ -69,22 +73,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_image_options(parser: argparse.ArgumentParser) -> None:
-    """Options every command that opens an image shares."""
+    """Options every command that opens an image shares, each format's own ones included."""
+    from ..block.driver import drivers
+
     parser.add_argument("--parent-dir", action="append", default=[], metavar="DIR",
                         help="extra folder to search for parent images (repeatable)")
-    parser.add_argument("--size-rule", choices=("auto", "chs", "current"), default="auto",
-                        help="VHD virtual size: auto (QEMU 10's rule), chs or current")
+    for d in drivers():
+        for opt in d.options:
+            parser.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=opt.default,
+                                help=opt.help)
     parser.add_argument("--ignore-parent-id", action="store_true",
                         help="accept a parent whose UUID does not match the child's record")
 
 
-def open_from_args(args: argparse.Namespace, path: str, writable: bool = False):  # noqa: ANN201
+def driver_options(args: argparse.Namespace) -> dict[str, str]:
+    """The format options of ``add_image_options`` as ``open_image`` keywords."""
+    from ..block.driver import drivers
+
+    return {o.name: getattr(args, o.name) for d in drivers() for o in d.options if hasattr(args, o.name)}
+
+
+def open_from_args(args: argparse.Namespace, path: str, writable: bool = False, *,
+                   format: str | None = None, parent_dirs: Sequence[str] = ()) -> "Image":
     """``open_image`` with the shared options of ``add_image_options``."""
     from ..block import open_image
 
-    return open_image(path, writable, parent_dirs=getattr(args, "parent_dir", ()),
-                      force=getattr(args, "force", False), size_rule=getattr(args, "size_rule", "auto"),
-                      ignore_parent_id=getattr(args, "ignore_parent_id", False))
+    return open_image(path, writable, parent_dirs=[*parent_dirs, *getattr(args, "parent_dir", ())],
+                      force=getattr(args, "force", False), format=format,
+                      ignore_parent_id=getattr(args, "ignore_parent_id", False), **driver_options(args))
 
 
-__all__ = ["main", "UsageError", "add_image_options", "open_from_args"]
+__all__ = ["main", "UsageError", "add_image_options", "driver_options", "open_from_args"]

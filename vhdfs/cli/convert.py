@@ -11,12 +11,14 @@ import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from ..block.convert import convert, output_format
-from ..errors import FormatError
+from ..tools.convert import convert, output_format
+from ..block.driver import driver, format_names
+from ..block.image import Image
+from ..errors import NotAnImageError
 from . import add_image_options, open_from_args
 from .info import amount
 
-RAW_SUFFIXES = (".raw", ".img", ".bin", ".dd", ".iso")
+RAW_SUFFIXES = (".bin", ".dd", ".iso")   # besides the raw driver's own suffixes
 
 
 @contextmanager
@@ -41,24 +43,21 @@ def progress_bar(desc: str, quiet: bool = False) -> Iterator[Callable[[int, int]
         bar.close()
 
 
-def _open_source(args: argparse.Namespace):  # noqa: ANN202 - an Image
-    """The source image; a file that is no VHD/VDI is read as raw when asked or named so."""
+def _open_source(args: argparse.Namespace) -> Image:
+    """The source image; a file that is no image is read as raw when asked or named so."""
     from ..block import open_image, probe_format
 
     src_format = args.source_format
     if src_format == "auto":
         try:
             probe_format(args.src)
-        except FormatError as exc:
-            if exc.message.startswith("not a VHD or VDI image") and args.src.lower().endswith(RAW_SUFFIXES):
-                src_format = "raw"
-            elif exc.message.startswith("not a VHD or VDI image"):
-                raise FormatError(exc.message + "; pass --from raw to read it as a raw disk", exc.path) from None
-            else:
-                raise
+        except NotAnImageError as exc:
+            if not driver("raw").suffix_matches(args.src) and not args.src.lower().endswith(RAW_SUFFIXES):
+                raise NotAnImageError(exc.message + "; pass --from raw to read it as a raw disk", exc.path) from None
+            src_format = "raw"
     if src_format == "raw":
         return open_image(args.src, format="raw")
-    return open_from_args(args, args.src)
+    return open_from_args(args, args.src, format=None if src_format == "auto" else src_format)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,12 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "exist unless --overwrite is given; a failed conversion leaves no DST.")
     parser.add_argument("src", metavar="SRC", help="source image (or raw file)")
     parser.add_argument("dst", metavar="DST", help="new file to write")
-    parser.add_argument("--to", choices=("vhd", "vdi", "raw"),
-                        help="output format (default: from DST's name: .vhd, .vdi, .raw/.img)")
+    parser.add_argument("--to", choices=format_names(),
+                        help="output format (default: from DST's name)")
     parser.add_argument("--type", choices=("dynamic", "fixed"), default="dynamic",
                         help="output type for vhd/vdi (default dynamic; fixed VDI = static)")
     parser.add_argument("--block-size", metavar="N", help="block size of a dynamic output")
-    parser.add_argument("--from", dest="source_format", choices=("auto", "vhd", "vdi", "raw"),
+    parser.add_argument("--from", dest="source_format", choices=("auto", *format_names()),
                         default="auto", help="source format (default: probe; raw for .raw/.img names)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")

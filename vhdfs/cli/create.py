@@ -10,7 +10,8 @@ import argparse
 import os
 import re
 
-from ..block.create import create_image
+from ..block.driver import drivers
+from ..tools.create import create_image
 from ..errors import UsageError
 from .info import amount
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size) if args.size is not None else None
     block_size = parse_size(args.block_size, "block size") if args.block_size is not None else None
     create_image(args.image, format=args.format, type=args.type, size=size, parent=args.parent,
-                 block_size=block_size, overwrite=args.overwrite)
+                 block_size=block_size, sector_size=args.sector_size, overwrite=args.overwrite)
     from ..block import open_image
 
     with open_image(args.image, parent_dirs=()) as img:
@@ -56,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "parent's format, else the file name (.vhd/.vdi), else VHD. A differencing "
                     "image takes its size from its parent. An existing file is never replaced "
                     "unless --overwrite is given.")
-    parser.add_argument("--format", choices=("vhd", "vdi"), help="image format (default: from the name)")
+    parser.add_argument("--format", choices=[d.name for d in drivers() if d.create is not None],
+                        help="image format (default: from the parent, else the name, else vhd)")
     parser.add_argument("--type", choices=("fixed", "dynamic", "differencing"),
                         help="image type (default: differencing with --parent, else dynamic)")
     parser.add_argument("--size", metavar="SIZE",
@@ -65,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--block-size", metavar="N",
                         help="block size of a dynamic image, a power of two (K/M suffixes; "
                              "default 2M for VHD, 1M for VDI)")
+    parser.add_argument("--sector-size", type=int, metavar="N",
+                        help="logical sector size where the format has a choice (VHDX: 512 or 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace IMAGE if it exists")
     parser.add_argument("image", metavar="IMAGE", help="the file to create")
     parser.set_defaults(func=run)

@@ -11,19 +11,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
-import socket
-import subprocess
 import sys
-import tempfile
-import time
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError, VhdfsError
-from . import add_image_options
+from ..block.driver import format_names
+from . import add_image_options, driver_options, open_from_args
+
+if TYPE_CHECKING:
+    from ..aio.export import Exposed
+    from ..block.image import Image
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT = 60.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-partitions", action="store_true", help="do not expose <stem>-p<N>.raw partition files")
     p.add_argument("--snapshot", action="store_true",
                    help="writes go to a new differencing child; the image itself never changes")
-    p.add_argument("--keep", metavar="CHILD.vhd", help="with --snapshot: keep the child at this path")
-    p.add_argument("--format", choices=("auto", "vhd", "vdi", "raw"), default="auto",
+    p.add_argument("--keep", metavar="CHILD", help="with --snapshot: keep the child at this path")
+    p.add_argument("--format", choices=("auto", *format_names()), default="auto",
                    help="image format (default: probe); raw exposes a plain disk file")
     p.add_argument("--force", action="store_true", help="open images with bad checksums for writing")
     add_image_options(p)
@@ -76,7 +76,7 @@ def _split(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def check_mountpoint(mountpoint: str) -> None:
     """The mountpoint must be an empty folder that is not already a mount."""
-    from ..fs.state import vhdfs_mounts
+    from ..service.state import vhdfs_mounts
     if os.path.abspath(mountpoint) in vhdfs_mounts() and not os.path.exists(mountpoint):
         raise UsageError("a vhdfs mount whose daemon has died is still here; "
                          "run 'vhdfs umount' on it first", mountpoint)
@@ -94,89 +94,45 @@ def _fuse_opts(args: argparse.Namespace) -> list[str]:
     return [o.strip() for group in args.fuse_options for o in group.split(",") if o.strip()]
 
 
-def _open(args: argparse.Namespace, path: str, writable: bool):  # noqa: ANN202 - an Image
-    from ..block import open_image
-
-    fmt = None if args.format == "auto" else args.format
-    return open_image(path, writable, parent_dirs=args.parent_dir, force=args.force,
-                      size_rule=args.size_rule, ignore_parent_id=args.ignore_parent_id, format=fmt)
-
-
-def _stem(path: str) -> str:
-    return os.path.splitext(os.path.basename(path))[0]
+def _open(args: argparse.Namespace, path: str, writable: bool) -> "Image":
+    return open_from_args(args, path, writable, format=None if args.format == "auto" else args.format)
 
 
 def _validate(args: argparse.Namespace, images: list[str]) -> None:
     """Open every image as the daemon will (and lay out the files), then close them again."""
-    from ..fs.daemon import Exposed, build_files
+    from ..aio.export import Exposed, build_exports
+    from ..service.snapshot import check_can_snapshot, stem
 
     opened = []
     try:
         for path in images:
             img = _open(args, path, args.rw)
-            opened.append(Exposed(_stem(path), img, args.rw))
+            opened.append(Exposed(stem(path), img, args.rw))
             if args.snapshot:
-                _check_snapshot_parent(img)
-        build_files(opened, partitions=not args.no_partitions)
+                check_can_snapshot(img)
+        build_exports(opened, partitions=not args.no_partitions)
     finally:
         for ex in opened:
             ex.image.close()
 
 
-def _check_snapshot_parent(img) -> None:  # noqa: ANN001
-    if img.format != "vhd":
-        raise UsageError(f"--snapshot needs a VHD image (this is {img.format}); convert it first", img.path)
-
-
-def _snapshot(args: argparse.Namespace, path: str):  # noqa: ANN202
+def _snapshot(args: argparse.Namespace, path: str) -> "Exposed":
     """Create the differencing child over ``path``'s chain and open it writable."""
-    from ..fs.daemon import Exposed
+    from ..aio.export import Exposed
+    from ..service.snapshot import create_snapshot, stem
 
-    create = _differencing_creator()
-    base = _open(args, path, False)
-    try:
-        _check_snapshot_parent(base)
-        size = base.size
-    finally:
-        base.close()
-    if args.keep:
-        child, temp = os.path.abspath(args.keep), None
-    else:
-        folder = os.environ.get("TMPDIR") or "/var/tmp"
-        fd, child = tempfile.mkstemp(prefix=f"vhdfs-snapshot-{_stem(path)}-", suffix=".vhd", dir=folder)
-        os.close(fd)
-        os.unlink(child)
-        temp = child
-    create(child, size, path)
-    try:
-        parent_dirs = [os.path.dirname(path), *args.parent_dir]
-        from ..block import open_image
-        img = open_image(child, True, parent_dirs=parent_dirs, force=args.force,
-                         size_rule=args.size_rule, ignore_parent_id=args.ignore_parent_id)
-    except BaseException:
-        if temp:
-            os.unlink(temp)
-        raise
-    return Exposed(_stem(path), img, True, temp_child=temp)
-
-
-def _differencing_creator():  # noqa: ANN202 - (child, size, parent) -> None
-    """The block layer's creator of a differencing VHD (generic entry first, format one next)."""
-    try:
-        from ..block.create import create_image
-        return lambda child, size, parent: create_image(child, format="vhd", type="differencing", parent=parent)
-    except ImportError:
-        pass
-    try:
-        from ..block.vhd_create import create_vhd
-        return lambda child, size, parent: create_vhd(child, size, type="differencing", parent=parent)
-    except ImportError:
-        raise UsageError("--snapshot needs VHD creation support, which this build lacks") from None
+    with _open(args, path, False) as base:
+        pass   # the whole chain opens: the child is never made over a broken one
+    snap = create_snapshot(base, keep=args.keep, parent_dirs=args.parent_dir, force=args.force,
+                           ignore_parent_id=args.ignore_parent_id, **driver_options(args))
+    return Exposed(stem(path), snap.image, True, temp_child=snap.temp_child)
 
 
 def _serve(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
     """The daemon itself: open, lay out, serve until unmounted."""
-    from ..fs.daemon import Exposed, build_files, serve
+    from ..aio.export import Exposed, build_exports
+    from ..fs.daemon import serve
+    from ..service.snapshot import stem
 
     _configure_daemon_logging(args.debug)
     exposed: list[Exposed] = []
@@ -185,8 +141,8 @@ def _serve(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
             if args.snapshot:
                 exposed.append(_snapshot(args, path))
             else:
-                exposed.append(Exposed(_stem(path), _open(args, path, args.rw), args.rw))
-        files = build_files(exposed, partitions=not args.no_partitions)
+                exposed.append(Exposed(stem(path), _open(args, path, args.rw), args.rw))
+        files = build_exports(exposed, partitions=not args.no_partitions)
     except BaseException:
         for ex in exposed:
             ex.image.close()
@@ -207,7 +163,9 @@ def _child_argv(args: argparse.Namespace, images: list[str], mountpoint: str) ->
     argv = [sys.executable, "-m", "vhdfs"]
     if args.debug:
         argv.append("--debug")
-    argv += ["mount", "--foreground", "--format", args.format, "--size-rule", args.size_rule]
+    argv += ["mount", "--foreground", "--format", args.format]
+    for name, value in driver_options(args).items():
+        argv += [_flag(name), value]
     for flag, on in (("--rw", args.rw), ("--cache", args.cache), ("--no-partitions", args.no_partitions),
                      ("--snapshot", args.snapshot), ("--force", args.force),
                      ("--ignore-parent-id", args.ignore_parent_id)):
@@ -223,41 +181,15 @@ def _child_argv(args: argparse.Namespace, images: list[str], mountpoint: str) ->
     return argv + ["--", *images, mountpoint]
 
 
+def _flag(option: str) -> str:
+    from ..block.driver import drivers
+    return next(o.flag for d in drivers() for o in d.options if o.name == option)
+
+
 def _spawn(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
-    """Start the daemon detached and wait for READY=1 (exit 0) or its death (its last error)."""
-    from ..fs import state
+    """Start the daemon detached and wait until it serves (exit 0) or dies (its last error)."""
+    from ..service import state
+    from ..service.spawn import spawn_daemon
 
-    log_path = state.path_for(mountpoint, ".log")
-    with tempfile.TemporaryDirectory(prefix="vhdfs-notify-") as tmp:
-        sock_path = os.path.join(tmp, "notify")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.bind(sock_path)
-            env = dict(os.environ, NOTIFY_SOCKET=sock_path)
-            with open(log_path, "wb") as logf:
-                child = subprocess.Popen(_child_argv(args, images, mountpoint), stdin=subprocess.DEVNULL,
-                                         stdout=logf, stderr=logf, env=env, start_new_session=True,
-                                         close_fds=True)
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select([sock], [], [], 0.05)
-                if ready and b"READY=1" in sock.recv(4096).split(b"\n"):
-                    return 0
-                if child.poll() is not None:
-                    raise VhdfsError(_last_error(log_path) or f"the daemon exited with status {child.returncode}")
-            child.terminate()
-            raise VhdfsError(f"the daemon did not become ready within {START_TIMEOUT:.0f} s (log: {log_path})",
-                             mountpoint)
-
-
-def _last_error(log_path: str) -> str:
-    """The daemon's last log line, without its ``vhdfs:`` prefix (main prints its own)."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
-            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    if not lines:
-        return ""
-    last = lines[-1]
-    return last[len("vhdfs: "):] if last.startswith("vhdfs: ") else last
+    spawn_daemon(_child_argv(args, images, mountpoint), state.path_for(mountpoint, ".log"), mountpoint)
+    return 0

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fs import state
+    from ..service import state
 
     mountpoint = os.path.realpath(args.mountpoint)
     if mountpoint not in state.vhdfs_mounts():

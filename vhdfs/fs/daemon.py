@@ -12,62 +12,20 @@ import faulthandler
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from typing import Iterable
 
 import pyfuse3
 import trio
 
-from ..block.base import Image
-from ..errors import UsageError, VhdfsError
-from . import state
-from .image_file import ImageFile, SharedImage
+from ..errors import VhdfsError
+from ..service import state
 from .operations import VhdfsOperations
-from .partitions import find_partitions
+from ..aio.export import Export, Exposed, build_exports
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 COMMIT_INTERVAL = 1.0   # seconds between background commits of pending metadata (group commit)
-
-
-@dataclass
-class Exposed:
-    """An opened image and the name its file gets (``<stem>.raw``)."""
-
-    stem: str
-    image: Image
-    writable: bool
-    temp_child: str | None = None   # a snapshot child removed at unmount
-
-
-def build_files(exposed: Iterable[Exposed], partitions: bool = True,
-                limiter: trio.CapacityLimiter | None = None) -> list[ImageFile]:
-    """The mount's files, whole disks first and each disk's partitions after it.
-
-    Two images with one stem (``a/disk.vhd``, ``b/disk.vhd``), or a stem that collides with a
-    partition file name, is a UsageError naming both: silently renaming would let a user write
-    to the wrong disk.
-    """
-    limiter = limiter or trio.CapacityLimiter(8)
-    files: list[ImageFile] = []
-    owners: dict[str, str] = {}
-
-    def add(f: ImageFile, owner: str) -> None:
-        if f.name in owners:
-            raise UsageError(f"two files would be called {f.name} ({owners[f.name]} and {owner});"
-                             " mount them separately or rename one")
-        owners[f.name] = owner
-        files.append(f)
-
-    for ex in exposed:
-        shared = SharedImage(ex.image, ex.writable, limiter, temp_child=ex.temp_child)
-        add(ImageFile(f"{ex.stem}.raw", shared), ex.image.path)
-        if partitions:
-            for part in find_partitions(ex.image):
-                add(ImageFile(f"{ex.stem}-p{part.number}.raw", shared, part.start, part.length),
-                    f"{ex.image.path} partition {part.number}")
-    return files
 
 
 def fuse_options(writable: bool, extra: Iterable[str] = ()) -> set[str]:
@@ -82,7 +40,7 @@ def fuse_options(writable: bool, extra: Iterable[str] = ()) -> set[str]:
     return opts
 
 
-def serve(files: list[ImageFile], mountpoint: str, *, cache: bool = False,
+def serve(files: list[Export], mountpoint: str, *, cache: bool = False,
           extra_options: Iterable[str] = ()) -> int:
     """Mount, serve until unmounted or SIGTERM/SIGINT, then flush and close every image.
 
@@ -119,7 +77,7 @@ def serve(files: list[ImageFile], mountpoint: str, *, cache: bool = False,
     return 0 if ok else 1
 
 
-async def _main(ops: VhdfsOperations, mountpoint: str, files: list[ImageFile]) -> None:
+async def _main(ops: VhdfsOperations, mountpoint: str, files: list[Export]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals)
         nursery.start_soon(_announce_ready, ops, mountpoint, files)
@@ -140,7 +98,7 @@ async def _watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_I
             return
 
 
-async def _announce_ready(ops: VhdfsOperations, mountpoint: str, files: list[ImageFile]) -> None:
+async def _announce_ready(ops: VhdfsOperations, mountpoint: str, files: list[Export]) -> None:
     """Prove the mount serves (read a byte through it), then record it and send READY=1."""
     probe = os.path.join(mountpoint, files[0].name) if files else mountpoint
 

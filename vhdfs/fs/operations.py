@@ -21,7 +21,8 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 
 from ..errors import VhdfsError
-from .image_file import ImageFile, SharedImage
+from ..aio.export import Export
+from ..aio.image import AsyncImage
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ class VhdfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, files: Sequence[ImageFile], cache: bool = False) -> None:
+    def __init__(self, files: Sequence[Export], cache: bool = False) -> None:
         super().__init__()
-        self.files: dict[int, ImageFile] = {ROOT + 1 + i: f for i, f in enumerate(files)}
+        self.files: dict[int, Export] = {ROOT + 1 + i: f for i, f in enumerate(files)}
         self.by_name: dict[bytes, int] = {os.fsencode(f.name): ino for ino, f in self.files.items()}
         self.cache = cache
         self.failsafe = False
@@ -70,9 +71,9 @@ class VhdfsOperations(pyfuse3.Operations):
         self.mtime_ns = time.time_ns()
 
     @property
-    def shared_images(self) -> list[SharedImage]:
+    def shared_images(self) -> list[AsyncImage]:
         """Each open image once (partition files share their disk's)."""
-        seen: dict[int, SharedImage] = {}
+        seen: dict[int, AsyncImage] = {}
         for f in self.files.values():
             seen.setdefault(id(f.shared), f.shared)
         return list(seen.values())
@@ -85,7 +86,7 @@ class VhdfsOperations(pyfuse3.Operations):
                 shared.writable = False
             log.error("failsafe: the mount is now read-only; unmount and check the image")
 
-    def _file(self, inode: int) -> ImageFile:
+    def _file(self, inode: int) -> Export:
         try:
             return self.files[inode]
         except KeyError:

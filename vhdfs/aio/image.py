@@ -1,17 +1,18 @@
-"""One exposed file: a byte window onto an open image, served without stalling the trio loop.
+"""The async image every front end shares: reads that never stall the trio loop, the write rule's
+trio side, group commit on a timer, and the flush-error latch.
 
 Why this shape:
 
-* **Reads** map the range (no lock: mapping never awaits, the block layer keeps its in-memory
-  maps consistent for readers) and try ``preadv(..., RWF_NOWAIT)`` inline for every DATA extent.
-  A page-cache hit costs no thread hop (~50-120 us each, DESIGN.md §3); only a miss
-  (``BlockingIOError``) or a short read goes to a worker thread.
-* **Writes** that change metadata (allocate a block, set bitmap bits) hold the image's
-  ``trio.Lock`` across the worker-thread call, the counterpart of QEMU's per-image CoMutex, and
-  are shielded from cancellation so a half-done metadata commit never happens. Writes of
-  already-mapped ranges (``write_is_in_place``) skip the lock: they only touch data.
-* A partition file is the same class with another window; it shares its image's lock and
-  limiter, and writes are clipped to the window, so nothing ever lands outside the partition.
+* **Reads** map the range (no lock: the block layer keeps its in-memory maps consistent for
+  readers) and try ``preadv(..., RWF_NOWAIT)`` inline for every DATA extent. A page-cache hit
+  costs no thread hop; only a miss (``BlockingIOError``) or a short read goes to a worker
+  thread.
+* **Writes** go to a worker thread. Those that change metadata (allocate a block, set bitmap
+  bits) also hold the image's ``trio.Lock`` and are shielded from cancellation, so a half-done
+  metadata change never happens; in-place writes skip the lock. Consistency itself comes from
+  the block layer's ``meta_lock`` (docs/concurrency.md), which a thread-based front end (NBD)
+  gets the same way.
+* No pyfuse3 here: errors are ``VhdfsError``/``OSError``, mapped by each front end.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import pyfuse3
 import trio
 
-from ..block.base import Extent, Image, Kind
+from ..block.extent import Extent, Kind
+from ..block.image import Image
+from ..errors import ReadOnlyError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,11 @@ _ZEROS = bytes(1 << 20)
 
 
 @dataclass
-class SharedImage:
-    """An open image plus what every file exposing part of it shares."""
+class AsyncImage:
+    """An open image for trio front ends: what every export of (part of) it shares.
+
+    Raises ``VhdfsError``/``OSError`` only; each front end maps those to its own protocol.
+    """
 
     image: Image
     writable: bool
@@ -109,32 +114,8 @@ class SharedImage:
         finally:
             self.image.auto_commit = True
 
-class ImageFile:
-    """``[start, start+size)`` of a shared image, as one regular file of the mount."""
-
-    def __init__(self, name: str, shared: SharedImage, start: int = 0, size: int | None = None) -> None:
-        self.name = name
-        self.shared = shared
-        self.image = shared.image
-        self.start = start
-        self.size = shared.image.size - start if size is None else size
-
-    @property
-    def writable(self) -> bool:
-        return self.shared.writable
-
-    def _window(self, off: int, length: int) -> int:
-        """Bytes of ``[off, off+length)`` inside the file."""
-        if off < 0:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        return max(0, min(length, self.size - off))
-
-    async def read(self, off: int, length: int) -> bytes | bytearray | memoryview:
-        """The file's bytes; short only at the end of the file."""
-        n = self._window(off, length)
-        if n == 0:
-            return b""
-        base = self.start + off
+    async def read(self, base: int, n: int) -> bytes | bytearray | memoryview:
+        """``n`` bytes at virtual offset ``base`` (inside the disk): page-cache hits inline."""
         exts = list(self.image.extents(base, n))
         if len(exts) == 1 and exts[0].kind == Kind.ZERO:
             return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
@@ -151,12 +132,12 @@ class ImageFile:
                                      ext.file_offset + got, ext.layer))
         if misses:
             await trio.to_thread.run_sync(self.image.readinto_extents, misses, view, base,
-                                          limiter=self.shared.limiter)
+                                          limiter=self.limiter)
         return buf
 
     def _try_nowait(self, ext: Extent, part: memoryview) -> int:
         """Bytes served straight from the page cache (0 when the data is not cached)."""
-        if not self.shared.nowait:
+        if not self.nowait:
             return 0
         try:
             return os.preadv(ext.fd, [part], ext.file_offset, os.RWF_NOWAIT)
@@ -165,46 +146,35 @@ class ImageFile:
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 log.info("%s: RWF_NOWAIT not supported here; reads use worker threads", self.image.path)
-                self.shared.nowait = False
+                self.nowait = False
                 return 0
             raise
 
-    async def write(self, off: int, data: bytes) -> int:
-        """Write inside the window; a write starting past the end gets ENOSPC, one crossing it is short."""
+    async def write(self, base: int, view: memoryview) -> None:
+        """Write ``view`` at virtual offset ``base`` (inside the disk) in a worker thread.
+
+        The block layer's write rule (``Image.write``: allocating writes under ``meta_lock``)
+        is what keeps the image consistent; the trio lock here only keeps allocating writes
+        from tying up worker threads while they wait for it, and the shield keeps a cancelled
+        client from abandoning one half-way.
+        """
         if not self.writable:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if off >= self.size and len(data):
-            raise pyfuse3.FUSEError(errno.ENOSPC)
-        n = self._window(off, len(data))
-        if n == 0:
-            return 0
-        view = memoryview(data)[:n]
-        base = self.start + off
-        shared = self.shared
-        if self.image.write_is_in_place(base, n):
-            await trio.to_thread.run_sync(self.image.write, base, view, limiter=shared.limiter)
-            return n
-        # Allocating or bitmap-changing: serialise per image, and never abandon it half-way.
+            raise ReadOnlyError("image is open read-only", self.image.path)
+        if self.image.write_is_in_place(base, len(view)):
+            await trio.to_thread.run_sync(self.image.write, base, view, limiter=self.limiter)
+            return
         with trio.CancelScope(shield=True):
-            async with shared.lock:
-                await trio.to_thread.run_sync(self.image.write, base, view, limiter=shared.limiter)
-        shared.allocated_dirty = True
+            async with self.lock:
+                await trio.to_thread.run_sync(self.image.write, base, view, limiter=self.limiter)
+        self.allocated_dirty = True
         if self.image.commit_due():
-            shared.commit_wanted.set()
-        return n
+            self.commit_wanted.set()
 
-    async def discard(self, off: int, length: int) -> None:
-        """Zero a range (used by tests and future fallocate support), under the image lock."""
+    async def discard(self, base: int, n: int) -> None:
+        """Make ``[base, base+n)`` read as zeros, under the image lock."""
         if not self.writable:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        n = self._window(off, length)
-        if n:
-            with trio.CancelScope(shield=True):
-                async with self.shared.lock:
-                    await trio.to_thread.run_sync(self.image.discard, self.start + off, n,
-                                                  limiter=self.shared.limiter)
-            self.shared.allocated_dirty = True
-
-    async def allocated_bytes(self) -> int:
-        """What ``st_blocks`` reports: the chain's allocation, capped at this window's size."""
-        return min(self.size, await self.shared.allocated_bytes())
+            raise ReadOnlyError("image is open read-only", self.image.path)
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                await trio.to_thread.run_sync(self.image.discard, base, n, limiter=self.limiter)
+        self.allocated_dirty = True

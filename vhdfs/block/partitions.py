@@ -14,7 +14,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from ..block.base import Image
+from .image import Image
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,13 @@ class Partition:
     length: int
 
 
-def find_partitions(image: Image, sector: int = 512) -> list[Partition]:
-    """The partitions of ``image`` (empty when it has no readable partition table)."""
+def find_partitions(image: Image, sector: int | None = None) -> list[Partition]:
+    """The partitions of ``image`` (empty when it has no readable partition table).
+
+    Tables count in the disk's logical sectors (``image.sector_size``: 4096 on a 4K VHDX);
+    a GPT is also looked for at 4096-byte LBA 1, as some tools write one on 512-byte disks.
+    """
+    sector = sector or image.sector_size
     try:
         mbr = image.read(0, 512)
     except Exception as exc:  # a read error must not stop the mount: the whole disk still shows
@@ -43,7 +48,7 @@ def find_partitions(image: Image, sector: int = 512) -> list[Partition]:
         return []
     entries = _mbr_entries(mbr)
     if any(kind == _GPT_PROTECTIVE for kind, _, _ in entries):
-        for sec in (sector, 4096):
+        for sec in dict.fromkeys((sector, 4096)):
             parts = _gpt(image, sec)
             if parts is not None:
                 return parts

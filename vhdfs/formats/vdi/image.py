@@ -16,19 +16,15 @@ from array import array
 from collections import Counter
 from typing import Any, Iterator
 
-from ..errors import ChainError, FormatError, ReadOnlyError, VhdfsError, warn
-from ..format import vdi as fmt
-from .base import Extent, Image, Kind, OpenOptions, ParentRef
-from .group_commit import commit_every, write_entry_runs
-from .raw_io import RawFile
+from ...errors import ChainError, FormatError, ReadOnlyError, VhdfsError, warn
+from . import spec as fmt
+from ...block.driver import Finding, error
+from ...block.image import Extent, Image, Kind, OpenOptions, ParentRef
+from ...block.pending import commit_every, write_entry_runs
+from ...block.rawfile import RawFile
 
 _U32 = struct.Struct("<I")
 _ZERO_CHUNK = 1 << 20   # zero-fill granularity for discards of allocated data
-
-
-def probe(head: bytes, tail: bytes, file_size: int) -> bool:
-    """True for a file that starts with a VDI pre-header (signature at 0x40)."""
-    return fmt.probe(head)
 
 
 def open_layer(path: str, options: OpenOptions) -> "VdiImage":
@@ -98,7 +94,7 @@ class VdiImage(Image):
         self.file = f
         self.bmap = bmap
         self.type = header.type_name
-        self.block_size = header.block_size
+        self.block_size = self.allocation_unit = header.block_size
         self.diff = header.is_diff
         self._free_kind = Kind.BACKING if self.diff else Kind.ZERO
         self._modify_renewed = False
@@ -112,7 +108,7 @@ class VdiImage(Image):
         self._commit_every = commit_every(self.block_size)
         if self.diff:
             link = str(header.uuid_link)
-            self.parent_ref = ParentRef(name=link, expected_id=link, format="vdi", match_by_id_in_dirs=True)
+            self.parent_ref = ParentRef(name=link, expected_id=link, format="vdi", scan=True)
 
     def _first_free_index(self, file_size: int) -> int:
         """max(blocks_allocated, highest used + 1, blocks the file already holds): never reuse."""
@@ -288,12 +284,9 @@ class VdiImage(Image):
         self.file.sync()
         self.bmap[first:first + len(values)] = array(self.bmap.typecode, values)
 
-    def discard(self, offset: int, length: int) -> None:
+    def _discard(self, offset: int, length: int) -> None:
         """Whole blocks become zero markers (their space leaks, as the brief allows); partial
         blocks get zeros written. Static images keep map[i] = i, so they get zeros in place."""
-        if not self.writable:
-            raise ReadOnlyError("image is open read-only", self.path)
-        length = self._clip(offset, length)
         if length == 0:
             return
         end, bs = offset + length, self.block_size
@@ -371,7 +364,7 @@ class VdiImage(Image):
             out["parent_modify_uuid"] = str(h.uuid_parent_modify)
         return out
 
-    def check(self) -> list[str]:
+    def check(self) -> list[Finding]:
         """Duplicate or out-of-range entries, blocks past EOF, a wrong allocated count.
 
         Blocks the file holds but the map no longer names (a discard, or a crash between the
@@ -399,4 +392,4 @@ class VdiImage(Image):
             problems.append(f"blocks_allocated is {h.blocks_allocated} but the file holds fewer blocks")
         if self.type == "fixed" and any(e != i for i, e in enumerate(self.bmap)):
             problems.append("static image whose block map is not the identity (map[i] != i)")
-        return problems
+        return [error(p) for p in problems]

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..errors import ChainError, UsageError
-from .base import Extent, Image, Kind, OpenOptions, preadinto_exact
+from ..block.chain import make_options, open_image, open_layer
+from ..block.extent import Extent, Kind, preadinto_exact
+from ..block.image import Image
 
 CHUNK = 4 * 1024 * 1024
 _ZEROS = bytes(CHUNK)
@@ -58,20 +60,19 @@ def commit(
     parent_dirs: Iterable[str | os.PathLike[str]] = (),
     progress: Optional[Progress] = None,
     remove: bool = False,
-    size_rule: str = "auto",
     ignore_parent_id: bool = False,
     force: bool = False,
+    **driver_options: str,
 ) -> CommitResult:
     """Copy the child's own sectors into its parent, make the parent durable, then maybe delete the child.
 
     Refuses (``UsageError``) an image with no parent. The parent (the next layer down) is the
     only file written; the layers below it stay read-only as in any open.
     """
-    from .chain import open_image, open_layer
-
     child_path = os.path.abspath(os.fspath(child_path))
     dirs = tuple(os.path.abspath(os.fspath(d)) for d in parent_dirs)
-    common = dict(parent_dirs=dirs, size_rule=size_rule, ignore_parent_id=ignore_parent_id, force=force)
+    common: dict[str, Any] = dict(parent_dirs=dirs, ignore_parent_id=ignore_parent_id, force=force,
+                                  **driver_options)
 
     # 1. Find the parent by opening the whole chain read-only (this checks UUIDs and sizes).
     with open_image(child_path, **common) as probe:
@@ -88,8 +89,7 @@ def commit(
         if expected_id is not None and parent.identity() != expected_id and not ignore_parent_id:
             raise ChainError(f"parent {parent_path} changed while opening it (id {parent.identity()}, "
                              f"expected {expected_id})", child_path)
-        child = open_layer(child_path, OpenOptions(writable=False, force=force, size_rule=size_rule,
-                                                   parent_dirs=dirs, ignore_parent_id=ignore_parent_id))
+        child = open_layer(child_path, make_options(**common))
         try:
             if child.size != parent.size:
                 raise ChainError(f"parent {parent_path} is {parent.size} bytes but the child is {child.size}",

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import uuid
 
-from ..errors import ChainError, UsageError, VhdfsError
-from ..format import vdi as fmt
-from .base import OpenOptions
+from ...errors import ChainError, UsageError, VhdfsError
+from . import spec as fmt
+from ...block.driver import CreateSpec
+from ...block.image import OpenOptions
+from ...block.rawfile import new_file, write_all
 
 MAP_OFFSET = 0x200
 DATA_ALIGN = 4096
@@ -20,6 +22,12 @@ DATA_ALIGN = 4096
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def create_from_spec(spec: CreateSpec) -> None:
+    """The driver's entry point: a new VDI as ``spec`` describes (already validated by tools)."""
+    create_vdi(spec.path, spec.size, "static" if spec.type == "fixed" else "dynamic",
+               block_size=spec.block_size, parent=spec.parent)
 
 
 def create_vdi(path: str | os.PathLike[str], size: int, type: str = "dynamic", *,
@@ -67,38 +75,17 @@ def create_vdi(path: str | os.PathLike[str], size: int, type: str = "dynamic", *
     head = fmt.pack_header(header)
     entries = fmt.pack_entries(range(blocks)) if static else b"\xff" * (4 * blocks)
 
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except FileExistsError:
-        raise UsageError("already exists (refusing to overwrite it)", path) from None
-    try:
-        try:
-            _pwrite_all(fd, head + bytes(MAP_OFFSET - len(head)), 0)
-            _pwrite_all(fd, entries, MAP_OFFSET)
-            # Static: the data area is a hole of zeros; dynamic: the file ends where data starts.
-            os.ftruncate(fd, offset_data + (blocks * block_size if static else 0))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+    with new_file(path) as fd:
+        write_all(fd, head + bytes(MAP_OFFSET - len(head)), 0)
+        write_all(fd, entries, MAP_OFFSET)
+        # Static: the data area is a hole of zeros; dynamic: the file ends where data starts.
+        os.ftruncate(fd, offset_data + (blocks * block_size if static else 0))
 
 
 def _parent_facts(parent: str) -> tuple[int, int, uuid.UUID, uuid.UUID]:
     """Size, block size, image UUID and modification UUID of a VDI parent."""
-    from .chain import probe_format
-    from .vdi import open_layer
+    from ...block.chain import probe_format
+    from .image import open_layer
 
     if probe_format(parent) != "vdi":
         raise ChainError("the parent of a VDI must be a VDI image", parent)

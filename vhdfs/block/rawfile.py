@@ -6,11 +6,50 @@ refused" and "short reads are errors, not zeros" hold in one place.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+from typing import Iterator, Sequence
 
-from ..errors import BusyError, FormatError, VhdfsError
+from ..errors import BusyError, FormatError, UsageError, VhdfsError
+
+_ZEROS = bytes(1 << 20)
+_MAX_RUN = 8 * 1024 * 1024   # cap on one joined write of parts
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """``pwrite`` until every byte is written (a short write is not an error, just more to do)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+@contextlib.contextmanager
+def new_file(path: str) -> Iterator[int]:
+    """Create ``path`` exclusively and yield its fd; fsync on success, remove it on any failure.
+
+    O_EXCL means a file someone else made (even between our check and this call) is never
+    touched; only the file this call created is ever removed.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise UsageError("already exists (refusing to overwrite it)", path) from None
+    except OSError as exc:
+        raise VhdfsError(f"cannot create: {exc.strerror or exc}", path) from None
+    try:
+        yield fd
+        os.fsync(fd)
+    except BaseException as exc:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(exc, OSError) and not isinstance(exc, VhdfsError):
+            raise VhdfsError(f"cannot write: {exc.strerror or exc}", path) from None
+        raise
+    os.close(fd)
 
 
 class RawFile:
@@ -57,10 +96,29 @@ class RawFile:
         return data
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        write_all(self.fd, data, offset)
+
+    def write_parts(self, parts: Sequence[bytes | bytearray | memoryview | int], offset: int) -> None:
+        """Write buffers (or ``int`` counts of zero bytes) back to back at ``offset``.
+
+        Everything goes through ``pwrite`` (one call per contiguous run; zero runs in bounded
+        pieces), so tests that record a file's writes see every byte we put there.
+        """
+        pending: list[bytes | bytearray | memoryview] = []
+        size = 0
+        for part in parts:
+            if isinstance(part, int):
+                for i in range(0, part, len(_ZEROS)):
+                    pending.append(memoryview(_ZEROS)[:min(len(_ZEROS), part - i)])
+                    size += len(pending[-1])
+                    if size >= _MAX_RUN:
+                        self.pwrite(pending[0] if len(pending) == 1 else b"".join(pending), offset)
+                        offset, pending, size = offset + size, [], 0
+            elif len(part):
+                pending.append(part)
+                size += len(part)
+        if pending:
+            self.pwrite(pending[0] if len(pending) == 1 else b"".join(pending), offset)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

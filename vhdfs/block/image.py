@@ -10,60 +10,15 @@ driver never loops over sectors.
 from __future__ import annotations
 
 import abc
-import enum
 import os
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Mapping
 
 from ..errors import FormatError, ReadOnlyError, UnsupportedError
-from .raw_io import RawFile
-
-
-class Kind(enum.IntEnum):
-    DATA = 0
-    ZERO = 1
-    BACKING = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """A run of virtual bytes ``[offset, offset+length)`` and where they come from.
-
-    For DATA, ``fd``/``file_offset`` say which open file holds them, so a caller (the FUSE layer)
-    can issue its own non-blocking ``preadv`` without going through ``Image.read``.
-    """
-
-    offset: int
-    length: int
-    kind: Kind
-    fd: int = -1
-    file_offset: int = 0
-    layer: int = 0  # 0 = the top image, 1 = its parent, ...
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-
-def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
-    """Join neighbours that one I/O can serve (same kind, same file, contiguous)."""
-    pending: Extent | None = None
-    for ext in extents:
-        if ext.length <= 0:
-            continue
-        if pending is not None and pending.end == ext.offset and pending.kind == ext.kind and (
-            ext.kind != Kind.DATA
-            or (pending.fd == ext.fd and pending.file_offset + pending.length == ext.file_offset)
-        ) and (ext.kind == Kind.ZERO or pending.layer == ext.layer):
-            pending = Extent(pending.offset, pending.length + ext.length, pending.kind,
-                             pending.fd, pending.file_offset, pending.layer)
-            continue
-        if pending is not None:
-            yield pending
-        pending = ext
-    if pending is not None:
-        yield pending
+from .driver import Finding
+from .extent import Extent, Kind, merge_extents, pread_exact, preadinto_exact
+from .rawfile import RawFile
 
 
 @dataclass(frozen=True)
@@ -72,9 +27,14 @@ class OpenOptions:
 
     writable: bool = False
     force: bool = False              # accept a bad checksum on a writable open
-    size_rule: str = "auto"          # VHD virtual size: "auto" (QEMU 10 rule), "chs", "current"
     parent_dirs: tuple[str, ...] = ()
     ignore_parent_id: bool = False   # accept a parent whose UUID differs (forensics)
+    # Options only one format has, by ``DriverOption.name`` (VHD: size_rule).
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def for_parent(self) -> "OpenOptions":
+        """Parents are always opened read-only, with the same search and override options."""
+        return replace(self, writable=False)
 
 
 @dataclass
@@ -82,7 +42,9 @@ class ParentRef:
     """What a differencing layer says about its parent; ``chain.open_image`` resolves it.
 
     ``candidates`` are tried in order (locators, stored name, extra folders); the first that
-    exists and whose identity ``matches`` becomes the backing image.
+    exists and whose identity ``matches`` becomes the backing image. With ``scan`` (VDI finds
+    its parent by UUID among every image in some folders) a candidate that cannot be opened or
+    does not match is skipped quietly, since most candidates are expected not to be the parent.
     """
 
     name: str                       # what to call the parent in messages
@@ -90,7 +52,7 @@ class ParentRef:
     candidates: list[str] = field(default_factory=list)
     search_names: list[str] = field(default_factory=list)  # basenames to try in --parent-dir
     format: str = "vhd"             # which driver opens the parent
-    match_by_id_in_dirs: bool = False  # VDI: scan folders for any image with the right UUID
+    scan: bool = False
 
     def matches(self, parent: "Image") -> bool:
         return parent.identity() == self.expected_id
@@ -106,6 +68,8 @@ class Image(abc.ABC):
 
     format: str = "?"
     type: str = "?"
+    sector_size: int = 512         # logical sector: what partition tables count in
+    allocation_unit: int = 0       # bytes a table entry maps (a block); 0: no blocks (fixed, raw)
     file: "RawFile | None" = None  # the layer's one image file, for the default flush/close
 
     def __init__(self, path: str, size: int, writable: bool) -> None:
@@ -198,8 +162,8 @@ class Image(abc.ABC):
         """Format details for ``vhdfs info`` (this layer only)."""
         return {}
 
-    def check(self) -> list[str]:
-        """Structural problems found in this layer (empty when clean)."""
+    def check(self) -> list[Finding]:
+        """Structural problems found in this layer (empty when clean), each with its severity."""
         return []
 
     def allocated_bytes(self) -> int:
@@ -210,8 +174,8 @@ class Image(abc.ABC):
         """True when writing this range changes no metadata (no allocation, no bitmap bit)."""
         return False
 
-    def discard(self, offset: int, length: int) -> None:
-        """Make the range read as zeros, releasing space where the format allows."""
+    def _discard(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` (inside the disk, non-empty) read as zeros."""
         raise UnsupportedError(f"{self.format} {self.type} images do not support discard", self.path)
 
     # -- generic behaviour ------------------------------------------------------------------
@@ -289,6 +253,17 @@ class Image(abc.ABC):
                 self.commit()
         return len(view)
 
+    def discard(self, offset: int, length: int) -> None:
+        """Make the range read as zeros, releasing space where the format allows.
+
+        In a differencing layer the range reads as zeros too, not as the parent's data.
+        """
+        if not self.writable:
+            raise ReadOnlyError("image is open read-only", self.path)
+        length = self._clip(offset, length)
+        if length:
+            self._discard(offset, length)
+
     def close(self) -> None:
         """Close this image and every parent it opened."""
         if self.closed:
@@ -310,22 +285,3 @@ class Image(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path} size={self.size}>"
-
-
-def preadinto_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; bytes past the end of the file are an error."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise FormatError(f"truncated: data expected at offset {offset + done} is past the end of the file", path)
-        done += n
-
-
-def pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    buf = bytearray(length)
-    preadinto_exact(fd, memoryview(buf), offset, path)
-    return bytes(buf)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from .raw_io import RawFile
+from .rawfile import RawFile
 
 # Commit at the latest once this many bytes of new blocks are pending: bounds the space a crash
 # leaks (an unflushed write's block, written but never pointed at) and the entries held in memory.

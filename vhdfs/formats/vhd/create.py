@@ -12,14 +12,22 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from ..errors import UsageError, VhdfsError
-from ..format import vhd as fmt
+from ...errors import UsageError, VhdfsError
+from ...block.driver import CreateSpec
+from ...block.rawfile import new_file, write_all
+from . import spec as fmt
 
 DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 # Below 4 KiB the spec's bitmap is ceil(B/4096) bytes padded to a sector, but QEMU, VirtualBox
 # and blktap compute floor(B/4096) padded = 0 bytes: such images read differently everywhere.
 MIN_BLOCK_SIZE = 4096
 TYPES = {"fixed": fmt.DISK_FIXED, "dynamic": fmt.DISK_DYNAMIC, "differencing": fmt.DISK_DIFFERENCING}
+
+
+def create_from_spec(spec: CreateSpec) -> None:
+    """The driver's entry point: a new VHD as ``spec`` describes (already validated by tools)."""
+    create_vhd(spec.path, spec.size, spec.type, parent=spec.parent,
+               block_size=spec.block_size or DEFAULT_BLOCK_SIZE, parent_dirs=spec.parent_dirs)
 
 
 def create_vhd(path: str | os.PathLike[str], size: int | None = None, type: str = "dynamic", *,
@@ -87,7 +95,7 @@ def _sparse_layout(footer: fmt.Footer, block_size: int, parent_info: tuple[bytes
 def _differencing_layout(path: str, parent: str, block_size: int,
                          parent_dirs: Iterable[str | os.PathLike[str]],
                          size: int | None) -> list[tuple[int, bytes]]:
-    from .chain import open_image
+    from ...block.chain import open_image
     parent_abs = os.path.abspath(parent)
     with open_image(parent_abs, parent_dirs=parent_dirs) as top:
         if top.format != "vhd":
@@ -116,28 +124,8 @@ def _differencing_layout(path: str, parent: str, block_size: int,
 
 
 def _write_new_file(path: str, pieces: list[tuple[int, bytes]]) -> None:
-    """O_EXCL create, write every piece, fsync; remove the file again on any failure."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except FileExistsError:
-        raise UsageError("already exists; not overwriting it", path) from None
-    except OSError as exc:
-        raise VhdfsError(f"cannot create: {exc.strerror or exc}", path) from None
-    try:
-        end = max(off + len(data) for off, data in pieces)
-        os.ftruncate(fd, end)   # a fixed disk's data area stays a hole
+    """Create ``path`` exclusively with every piece written (a fixed disk's data area a hole)."""
+    with new_file(path) as fd:
+        os.ftruncate(fd, max(off + len(data) for off, data in pieces))
         for off, data in pieces:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], off + done)
-        os.fsync(fd)
-    except BaseException as exc:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise VhdfsError(f"cannot write: {exc.strerror or exc}", path) from None
-        raise
-    os.close(fd)
+            write_all(fd, data, off)

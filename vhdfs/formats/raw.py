@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .base import Extent, Image, Kind
-from .raw_io import RawFile
+from ..block.driver import NO, Driver, Limits, ProbeData
+from ..block.extent import Extent, Kind
+from ..block.image import Image, OpenOptions
+from ..block.rawfile import RawFile
 
 
 class RawImage(Image):
@@ -27,3 +29,16 @@ class RawImage(Image):
 
     def identity(self) -> str:
         return ""
+
+
+def probe(data: ProbeData) -> int:
+    """Any file is a raw disk, so raw is never guessed: ``--format raw`` asks for it."""
+    return NO
+
+
+def open_layer(path: str, options: OpenOptions) -> RawImage:
+    return RawImage(path, options.writable)
+
+
+DRIVER = Driver(name="raw", title="raw", suffixes=(".raw", ".img"), probe=probe,
+                open_layer=open_layer, create=None, limits=Limits(max_size=2 ** 63 - 1, types=("fixed",)))

@@ -14,10 +14,10 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 
-from ..errors import FormatError
-from ..format import vhd as fmt
-from .base import ParentRef
-from .raw_io import RawFile
+from ...errors import FormatError
+from . import spec as fmt
+from ...block.image import ParentRef
+from ...block.rawfile import RawFile
 
 MAX_BATMAP_BYTES = 16 * 1024 * 1024
 
@@ -31,9 +31,36 @@ class Batmap:
     data: bytearray
     valid: bool          # checksum matched: only then do we trust a set bit
 
+    cleared: bool = False   # an untrusted map was already rewritten all-clear
+
     def is_full(self, block: int) -> bool:
         byte = block >> 3
         return self.valid and byte < len(self.data) and bool(self.data[byte] & (0x80 >> (block & 7)))
+
+    def clear_bit(self, f: RawFile, block: int) -> bool:
+        """Durably clear ``block``'s bit before the block changes; True when the map changed.
+
+        An untrusted map (bad checksum) is cleared whole, once, with a good checksum.
+        """
+        if not self.data:
+            return False
+        if not self.valid:
+            if self.cleared:
+                return False
+            data = bytearray(len(self.data))
+        elif self.is_full(block):
+            data = bytearray(self.data)
+            data[block >> 3] &= ~(0x80 >> (block & 7)) & 0xFF
+        else:
+            return False
+        hdr = self.header
+        hdr.checksum = fmt.batmap_checksum(data, hdr.version)
+        f.pwrite(data, hdr.map_offset)
+        f.pwrite(fmt.pack_batmap_header(hdr, self.header_raw), hdr.offset)
+        f.sync()
+        self.data[:] = data
+        self.valid = self.cleared = True
+        return True
 
 
 @dataclass

@@ -14,7 +14,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
-from ..errors import FormatError
+from ...errors import FormatError
 
 SECTOR = 512
 FOOTER_SIZE = 512

@@ -13,7 +13,12 @@ import os
 from typing import Callable, Iterator, Optional
 
 from ..errors import UsageError, VhdfsError
-from .base import Image, Kind, preadinto_exact
+from ..block.driver import driver, format_from_name, format_names
+from ..block.rawfile import new_file, write_all
+from ..block.chain import open_image
+from ..block.extent import Kind, preadinto_exact
+from ..block.image import Image
+from .create import SECTOR, create_image
 
 # One read/write per chunk: large enough to amortise Python overhead, small enough for memory.
 CHUNK = 4 * 1024 * 1024
@@ -76,19 +81,19 @@ def nonzero_runs(buf: memoryview, base: int, granule: int) -> Iterator[tuple[int
 
 
 def output_format(dst_path: str, to: Optional[str]) -> str:
-    """The output format: ``to`` if given, else from the file name (.vhd, .vdi, .raw/.img/.bin)."""
+    """The output format: ``to`` if given, else from the file name's suffix (raw: .bin/.dd too)."""
+    names = format_names()
     if to:
-        if to not in ("vhd", "vdi", "raw"):
-            raise UsageError(f"unknown output format {to!r} (choose vhd, vdi or raw)", dst_path)
+        if to not in names:
+            raise UsageError(f"unknown output format {to!r} (choose {', '.join(names)})", dst_path)
         return to
-    name = dst_path.lower()
-    if name.endswith((".vhd", ".avhd")):
-        return "vhd"
-    if name.endswith(".vdi"):
-        return "vdi"
-    if name.endswith((".raw", ".img", ".bin", ".dd")):
-        return "raw"
-    raise UsageError("cannot tell the output format from the file name: pass --to vhd|vdi|raw", dst_path)
+    fmt = format_from_name(dst_path)
+    if fmt is None and (driver("raw").suffix_matches(dst_path) or dst_path.lower().endswith((".bin", ".dd"))):
+        fmt = "raw"
+    if fmt is None:
+        raise UsageError(f"cannot tell the output format from the file name: pass --to {'|'.join(names)}",
+                         dst_path)
+    return fmt
 
 
 def convert(
@@ -157,31 +162,15 @@ def _copy(runs: list[tuple[int, int, int, int]], src: Image, granule: int, total
 def _convert_to_raw(runs: list[tuple[int, int, int, int]], src: Image, dst_path: str, total: int,
                     progress: Optional[Progress]) -> int:
     """A sparse raw file: set its length first, then write only the non-zero data."""
-    try:
-        fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise VhdfsError(f"cannot create: {exc.strerror or exc}", dst_path) from None
-    try:
+    with new_file(dst_path) as fd:
         os.ftruncate(fd, src.size)
-
-        def write(offset: int, data: memoryview) -> None:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], offset + done)
-
-        written = _copy(runs, src, RAW_GRANULE, total, progress, write)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return written
+        return _copy(runs, src, RAW_GRANULE, total, progress, lambda offset, data: write_all(fd, data, offset))
 
 
 def _convert_to_image(runs: list[tuple[int, int, int, int]], src: Image, dst_path: str, fmt: str,
                       type: str, total: int, progress: Optional[Progress],
                       block_size: Optional[int]) -> int:
     """A new VHD/VDI of the source's size, written through its own driver."""
-    from .chain import open_image
-    from .create import SECTOR, create_image
 
     size = -(-src.size // SECTOR) * SECTOR
     create_image(dst_path, format=fmt, type="fixed" if type in ("fixed", "static") else "dynamic",
@@ -198,8 +187,7 @@ def _convert_to_image(runs: list[tuple[int, int, int, int]], src: Image, dst_pat
 
 def _output_granule(dst: Image, block_size: Optional[int]) -> int:
     """The output's allocation unit: a zero granule of this size leaves a block unallocated."""
-    details = dst.describe()
-    bs = details.get("block_size") or block_size or 2 * 1024 * 1024
-    if not isinstance(bs, int) or bs <= 0 or bs > CHUNK or CHUNK % bs:
+    bs = dst.allocation_unit or block_size or 2 * 1024 * 1024
+    if bs <= 0 or bs > CHUNK or CHUNK % bs:
         return CHUNK
     return max(bs, RAW_GRANULE)  # tiny blocks: fewer, larger checks (still block-aligned)

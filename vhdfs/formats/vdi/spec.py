@@ -14,7 +14,7 @@ import uuid
 from array import array
 from dataclasses import dataclass, field
 
-from ..errors import FormatError, UnsupportedError
+from ...errors import FormatError, UnsupportedError
 
 SIGNATURE = 0xBEDA107F
 SIGNATURE_BYTES = struct.pack("<I", SIGNATURE)   # 7F 10 DA BE

@@ -1,0 +1,109 @@
+"""Exports: the byte windows front ends serve (a whole disk, or one of its partitions).
+
+A partition export shares its disk's ``AsyncImage`` (lock, limiter, committer) and clips every
+request to its window, so nothing ever lands outside the partition. Names follow one rule for
+every front end: ``<stem>.raw`` for the disk, ``<stem>-p<N>.raw`` for partition N.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Iterable
+
+import trio
+
+from ..block.image import Image
+from ..block.partitions import find_partitions
+from ..errors import ReadOnlyError, UsageError
+from .image import AsyncImage
+
+
+@dataclass
+class Exposed:
+    """An opened image and the stem its exports are named by (``disk`` for ``disk.vhd``)."""
+
+    stem: str
+    image: Image
+    writable: bool
+    temp_child: str | None = None   # a snapshot child removed when the front end stops
+
+
+class Export:
+    """``[start, start+size)`` of a shared async image, served as one file or export."""
+
+    def __init__(self, name: str, shared: AsyncImage, start: int = 0, size: int | None = None) -> None:
+        self.name = name
+        self.shared = shared
+        self.image = shared.image
+        self.start = start
+        self.size = shared.image.size - start if size is None else size
+
+    @property
+    def writable(self) -> bool:
+        return self.shared.writable
+
+    def _window(self, off: int, length: int) -> int:
+        """Bytes of ``[off, off+length)`` inside the window."""
+        if off < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        return max(0, min(length, self.size - off))
+
+    async def read(self, off: int, length: int) -> bytes | bytearray | memoryview:
+        """The window's bytes; short only at its end."""
+        n = self._window(off, length)
+        if n == 0:
+            return b""
+        return await self.shared.read(self.start + off, n)
+
+    async def write(self, off: int, data: bytes) -> int:
+        """Write inside the window; a write starting past the end gets ENOSPC, one crossing it is short."""
+        if not self.writable:
+            raise ReadOnlyError("image is open read-only", self.image.path)
+        if off >= self.size and len(data):
+            raise OSError(errno.ENOSPC, "write past the end of the disk")
+        n = self._window(off, len(data))
+        if n:
+            await self.shared.write(self.start + off, memoryview(data)[:n])
+        return n
+
+    async def discard(self, off: int, length: int) -> None:
+        """Zero a range of the window (trim), releasing blocks where the format allows."""
+        n = self._window(off, length)
+        if n:
+            await self.shared.discard(self.start + off, n)
+        elif not self.writable:
+            raise ReadOnlyError("image is open read-only", self.image.path)
+
+    async def allocated_bytes(self) -> int:
+        """What ``st_blocks`` reports: the chain's allocation, capped at this window's size."""
+        return min(self.size, await self.shared.allocated_bytes())
+
+
+def build_exports(exposed: Iterable[Exposed], partitions: bool = True,
+                  limiter: trio.CapacityLimiter | None = None) -> list[Export]:
+    """Every export, whole disks first and each disk's partitions after it.
+
+    Two images with one stem (``a/disk.vhd``, ``b/disk.vhd``), or a stem that collides with a
+    partition name, is a UsageError naming both: silently renaming would let a user write to
+    the wrong disk.
+    """
+    limiter = limiter or trio.CapacityLimiter(8)
+    out: list[Export] = []
+    owners: dict[str, str] = {}
+
+    def add(e: Export, owner: str) -> None:
+        if e.name in owners:
+            raise UsageError(f"two files would be called {e.name} ({owners[e.name]} and {owner});"
+                             " mount them separately or rename one")
+        owners[e.name] = owner
+        out.append(e)
+
+    for ex in exposed:
+        shared = AsyncImage(ex.image, ex.writable, limiter, temp_child=ex.temp_child)
+        add(Export(f"{ex.stem}.raw", shared), ex.image.path)
+        if partitions:
+            for part in find_partitions(ex.image):
+                add(Export(f"{ex.stem}-p{part.number}.raw", shared, part.start, part.length),
+                    f"{ex.image.path} partition {part.number}")
+    return out

@@ -1,1 +1,0 @@
-"""On-disk structures: fixed layouts, checksums, constants. Pure functions over bytes."""
