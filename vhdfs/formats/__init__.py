@@ -1,0 +1,1 @@
+"""Format layers: pure on-disk structures and parsing, one subpackage per format."""
