@@ -433,3 +433,33 @@ def test_corpus_image(entry, corpus_files):
             assert bat_read(stale, pread) in entry["stale_no_replay_sha256"]
     finally:
         os.close(fd)
+
+
+def test_random_corruption_only_raises_format_errors():
+    """Flip bytes in every structure (re-sealing CRCs half the time so parsing goes deeper):
+    the only exceptions allowed out are FormatError and its UnsupportedError subclass."""
+    import random
+    rng = random.Random(1234)
+    base = w.build_vhdx(8 * MiB, block_size=MiB, kind="differencing", blocks={0: b"a" * 10},
+                        parent_locator={"parent_linkage": "{%s}" % G1})
+    base.add_log(G1, [w.Entry(1), w.Entry(2, {P[0]: base.bat_page(0)}, zeros={P[4]: 4096},
+                                          tail=0)])
+    areas = [(64 * 1024, 64), (128 * 1024, 64), (192 * 1024, 128), (256 * 1024, 128),
+             (w.METADATA_OFFSET, 256), (w.METADATA_OFFSET + 65536, 256), (w.LOG_OFFSET, 8192)]
+    outcomes = set()
+    for _ in range(300):
+        d = bytearray(base.data)
+        start, span = rng.choice(areas)
+        for _ in range(rng.randint(1, 4)):
+            d[start + rng.randrange(span)] = rng.randrange(256)
+        if rng.random() < 0.5:
+            for off, size in ((64 * 1024, 4096), (128 * 1024, 4096), (192 * 1024, 65536),
+                              (256 * 1024, 65536)):
+                d[off:off + size] = w.sealed(d[off:off + size])
+        try:
+            layout.open_layout(reader(d), len(d))
+            outcomes.add("ok")
+        except FormatError as exc:
+            assert "\n" not in str(exc)
+            outcomes.add(type(exc).__name__)
+    assert {"ok", "FormatError"} <= outcomes

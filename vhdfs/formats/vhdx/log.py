@@ -132,6 +132,9 @@ class _Log:
         self.data = memoryview(bytes(data))
         self.offset = log_offset
         self.length = log_length
+        # entry validity by log offset: the scanner retries runs from every 4 KiB offset, and a
+        # run that fails its Tail check must not cost a second CRC pass over the same entries
+        self.checked: dict[int, LogEntry | FormatError] = {}
 
     def read(self, at: int, length: int) -> bytes:
         end = at + length
@@ -142,6 +145,19 @@ class _Log:
 
 def _entry_at(log: _Log, at: int, log_guid: uuid.UUID) -> LogEntry:
     """Validate the entry at log offset ``at``; FormatError says why it does not count."""
+    got = log.checked.get(at)
+    if got is None:
+        try:
+            got = _check_entry(log, at, log_guid)
+        except FormatError as exc:
+            got = exc
+        log.checked[at] = got
+    if isinstance(got, FormatError):
+        raise got
+    return got
+
+
+def _check_entry(log: _Log, at: int, log_guid: uuid.UUID) -> LogEntry:
     where = f"log entry at offset {at}"
     try:
         h = parse_log_entry_header(log.read(at, 64))
@@ -239,16 +255,19 @@ def scan_entries(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length:
 
     Diagnostic (``vhdfs info``, tests); replay uses :func:`plan_replay`.
     """
-    log = _Log(pread, log_offset, log_length)
-    out: list[LogEntry | str] = []
-    for at in range(0, log_length, SECTOR):
-        if log.data[at:at + 4] != spec.LOG_ENTRY_SIGNATURE:
-            continue
-        try:
-            out.append(_entry_at(log, at, log_guid))
-        except FormatError as exc:
-            out.append(exc.message)
-    return out
+    try:
+        log = _Log(pread, log_offset, log_length)
+        out: list[LogEntry | str] = []
+        for at in range(0, log_length, SECTOR):
+            if log.data[at:at + 4] != spec.LOG_ENTRY_SIGNATURE:
+                continue
+            try:
+                out.append(_entry_at(log, at, log_guid))
+            except FormatError as exc:
+                out.append(exc.message)
+        return out
+    except (struct.error, IndexError, ValueError) as exc:   # defensive: never leak these
+        raise FormatError(f"log: unreadable ({exc})") from None
 
 
 def plan_replay(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length: int,

@@ -98,7 +98,7 @@ BAT_OFFSET_SHIFT = 20               # FileOffsetMB lives in bits 20-63
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """CRC-32C (Castagnoli), optionally continuing ``crc``; what every VHDX checksum uses."""
-    return google_crc32c.extend(crc, bytes(data)) if crc else google_crc32c.value(bytes(data))
+    return google_crc32c.extend(crc, bytes(data))
 
 
 def checksum_with_field_zeroed(data: bytes, field_offset: int) -> int:
