@@ -1,1 +1,2 @@
-"""VHDX (Microsoft [MS-VHDX] v2): pure on-disk layer -- structures, log replay planning, open-time parsing."""
+"""VHDX ([MS-VHDX] v2), the pure layer: ``spec``/``logspec`` structures, ``log`` replay
+planning, ``layout`` open-time parsing. No Image class and no registration here yet."""

@@ -26,7 +26,7 @@ from typing import Callable
 
 from ...errors import FormatError
 from . import spec
-from .logspec import (DataDescriptor, LogEntryHeader, ZeroDescriptor, descriptor_area_length,
+from .logspec import (LogEntryHeader, ZeroDescriptor, descriptor_area_length,
                       join_page, pack_data_descriptor, pack_log_entry_header,
                       pack_zero_descriptor, parse_data_sector, parse_descriptor,
                       parse_log_entry_header, split_page, DESCRIPTOR_SIZE, LOG_CHECKSUM_OFFSET)

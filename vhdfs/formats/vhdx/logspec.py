@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ...errors import FormatError
 from .spec import (DATA_SIGNATURE, DESC_SIGNATURE, LOG_ENTRY_SIGNATURE, LOG_SECTOR,
-                   ZERO_SIGNATURE, _need)
+                   ZERO_SIGNATURE, require_length)
 
 # signature, checksum, entry length, tail, sequence, descriptor count, reserved, LogGuid,
 # FlushedFileOffset, LastFileOffset
@@ -41,7 +41,7 @@ class LogEntryHeader:
 
 def parse_log_entry_header(data: bytes) -> LogEntryHeader:
     """Parse the 64-byte entry header (no CRC check: that needs the whole entry)."""
-    _need(data, LOG_HEADER_STRUCT.size, "log entry header")
+    require_length(data, LOG_HEADER_STRUCT.size, "log entry header")
     sig, crc, length, tail, seq, count, _, g, flushed, last = LOG_HEADER_STRUCT.unpack_from(data)
     if sig != LOG_ENTRY_SIGNATURE:
         raise FormatError(f"log entry header: bad signature {sig!r}")
@@ -56,7 +56,8 @@ def pack_log_entry_header(h: LogEntryHeader, checksum: int = 0) -> bytes:
 
 def descriptor_area_length(descriptor_count: int) -> int:
     """Header + descriptors rounded up to 4 KiB: 126 fit the first sector, 128 each later one."""
-    return -(-(LOG_HEADER_STRUCT.size + DESCRIPTOR_SIZE * descriptor_count) // LOG_SECTOR) * LOG_SECTOR
+    raw = LOG_HEADER_STRUCT.size + DESCRIPTOR_SIZE * descriptor_count
+    return -(-raw // LOG_SECTOR) * LOG_SECTOR
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class DataDescriptor:
 
 
 def parse_descriptor(data: bytes) -> ZeroDescriptor | DataDescriptor:
-    _need(data, DESCRIPTOR_SIZE, "log descriptor")
+    require_length(data, DESCRIPTOR_SIZE, "log descriptor")
     sig = bytes(data[:4])
     if sig == ZERO_SIGNATURE:
         _, length, off, seq = ZERO_DESC_STRUCT.unpack_from(data)
@@ -99,7 +100,7 @@ def pack_data_descriptor(d: DataDescriptor) -> bytes:
 
 def parse_data_sector(data: bytes) -> tuple[int, bytes]:
     """Return (sequence number from both halves, the 4084 data bytes)."""
-    _need(data, LOG_SECTOR, "log data sector")
+    require_length(data, LOG_SECTOR, "log data sector")
     sig, high, body, low = DATA_SECTOR_STRUCT.unpack_from(data)
     if sig != DATA_SIGNATURE:
         raise FormatError(f"log data sector: bad signature {sig!r}")

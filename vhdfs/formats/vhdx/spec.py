@@ -107,7 +107,7 @@ def checksum_with_field_zeroed(data: bytes, field_offset: int) -> int:
     return google_crc32c.extend(crc, bytes(data[field_offset + 4:]))
 
 
-def _need(data: bytes, size: int, what: str) -> None:
+def require_length(data: bytes, size: int, what: str) -> None:
     if len(data) < size:
         raise FormatError(f"{what}: truncated ({len(data)} of {size} bytes)")
 
@@ -121,7 +121,7 @@ def _put_checksum(buf: bytearray, field_offset: int) -> bytes:
 # --- file type identifier (§2.2.1) ----------------------------------------------------------
 def parse_file_identifier(data: bytes) -> str:
     """Check ``vhdxfile`` and return the creator string (informational only)."""
-    _need(data, 8, "file identifier")
+    require_length(data, 8, "file identifier")
     if data[:8] != FILE_ID_SIGNATURE:
         raise FormatError("file identifier: not a VHDX file (no 'vhdxfile' signature)")
     creator = bytes(data[8:520]).decode("utf-16-le", errors="replace")
@@ -163,7 +163,7 @@ def header_is_valid(data: bytes) -> bool:
 
 def parse_header(data: bytes, what: str = "header") -> Header:
     """Parse a header, checking signature and CRC (not the semantic fields)."""
-    _need(data, HEADER_SIZE, what)
+    require_length(data, HEADER_SIZE, what)
     if data[:4] != HEADER_SIGNATURE:
         raise FormatError(f"{what}: bad signature {bytes(data[:4])!r}")
     if not header_is_valid(data):
@@ -200,7 +200,7 @@ class RegionEntry:
 
 def parse_region_table(data: bytes, what: str = "region table") -> list[RegionEntry]:
     """Parse a 64 KiB region table, checking signature, CRC and entry count."""
-    _need(data, REGION_TABLE_SIZE, what)
+    require_length(data, REGION_TABLE_SIZE, what)
     sig, crc, count, _ = REGION_HEADER_STRUCT.unpack_from(data)
     if sig != REGION_SIGNATURE:
         raise FormatError(f"{what}: bad signature {sig!r}")
@@ -252,7 +252,7 @@ class MetadataEntry:
 
 def parse_metadata_table(data: bytes, what: str = "metadata table") -> list[MetadataEntry]:
     """Parse the 64 KiB metadata table (no checksum: the region table's job is placement)."""
-    _need(data, METADATA_TABLE_SIZE, what)
+    require_length(data, METADATA_TABLE_SIZE, what)
     sig, _, count = METADATA_HEADER_STRUCT.unpack_from(data)
     if sig != METADATA_SIGNATURE:
         raise FormatError(f"{what}: bad signature {sig!r}")
@@ -292,7 +292,7 @@ class FileParameters:
 
 
 def parse_file_parameters(data: bytes) -> FileParameters:
-    _need(data, 8, "metadata: file parameters")
+    require_length(data, 8, "metadata: file parameters")
     bs, flags = FILE_PARAMETERS_STRUCT.unpack_from(data)
     return FileParameters(bs, bool(flags & 1), bool(flags & 2))
 
@@ -303,12 +303,12 @@ def pack_file_parameters(p: FileParameters) -> bytes:
 
 
 def parse_u64(data: bytes, what: str) -> int:
-    _need(data, 8, f"metadata: {what}")
+    require_length(data, 8, f"metadata: {what}")
     return struct.unpack_from("<Q", data)[0]
 
 
 def parse_u32(data: bytes, what: str) -> int:
-    _need(data, 4, f"metadata: {what}")
+    require_length(data, 4, f"metadata: {what}")
     return struct.unpack_from("<I", data)[0]
 
 
@@ -321,7 +321,7 @@ def pack_u32(value: int) -> bytes:
 
 
 def parse_page83(data: bytes) -> uuid.UUID:
-    _need(data, 16, "metadata: page 83 data")
+    require_length(data, 16, "metadata: page 83 data")
     return uuid.UUID(bytes_le=bytes(data[:16]))
 
 
@@ -337,9 +337,9 @@ LOCATOR_ENTRY_STRUCT = struct.Struct("<IIHH")       # key off, value off, key le
 def parse_parent_locator(data: bytes) -> tuple[uuid.UUID, dict[str, str]]:
     """Return (locator type, {key: value}); strings are UTF-16LE without a NUL."""
     what = "metadata: parent locator"
-    _need(data, LOCATOR_HEADER_STRUCT.size, what)
+    require_length(data, LOCATOR_HEADER_STRUCT.size, what)
     t, _, count = LOCATOR_HEADER_STRUCT.unpack_from(data)
-    _need(data, LOCATOR_HEADER_STRUCT.size + 12 * count, what)
+    require_length(data, LOCATOR_HEADER_STRUCT.size + 12 * count, what)
     out: dict[str, str] = {}
     for i in range(count):
         ko, vo, kl, vl = LOCATOR_ENTRY_STRUCT.unpack_from(data, 20 + 12 * i)
