@@ -337,6 +337,24 @@ def test_entry_wrapping_the_log_end():
     assert offsets_of(plan_of(b)) == [P[0]]
 
 
+def test_sequence_wrapping_the_log_end():
+    b = w.build_vhdx(4 * MiB)
+    end = w.LOG_LENGTH - 8192
+    b.add_log(G1, [w.Entry(5, {P[0]: page(1)}, at=end), w.Entry(6, {P[1]: page(2)}, tail=end)])
+    plan = plan_of(b)
+    assert offsets_of(plan) == [P[0], P[1]] and (plan.tail, plan.head) == (end, 8192)
+
+
+def test_last_file_offset_extends_the_view():
+    b = w.build_vhdx(4 * MiB)
+    size = len(b.data)
+    b.add_log(G1, [w.Entry(5, {P[0]: page(1)}, last=size + 1)])
+    plan = plan_of(b)
+    assert plan.new_file_size(size) == size + MiB          # rounded up to 1 MiB, like QEMU
+    view = plan.overlay(reader(b.data), size)
+    assert view(8192, size - 4096) == bytes(8192) and view(10, size + MiB) == b""
+
+
 def test_build_entry_matches_writer_and_scans_back():
     pages = {P[3]: os.urandom(4096), P[1]: os.urandom(4096)}
     zeros = {P[5]: 8192}
