@@ -188,7 +188,7 @@ class Built:
 
 def build_vhdx(virtual_size: int, *, block_size: int = 1 * MiB, logical: int = 512,
                physical: int = 4096, kind: str = "dynamic",
-               blocks: dict[int, bytes | int] | None = None,
+               blocks: dict[int, bytes | int | tuple[int, bytes]] | None = None,
                bitmaps: dict[int, bytes] | None = None,
                parent_locator: dict[str, str] | None = None,
                seqs: tuple[int, int] = (1, 2),
@@ -198,10 +198,9 @@ def build_vhdx(virtual_size: int, *, block_size: int = 1 * MiB, logical: int = 5
                region_required: bool = True, creator: str = "vhdfs test writer") -> Built:
     """Build a VHDX image in memory.
 
-    ``blocks`` maps payload block numbers to data (FULLY_PRESENT, zero padded; with
-    ``kind="differencing"`` a tuple-free bytes value is also FULLY_PRESENT) or to a bare state
-    (ZERO, UNMAPPED, NOT_PRESENT...) with offset 0. PARTIALLY_PRESENT is given as
-    ``(PARTIALLY_PRESENT, data)`` via ``blocks[b] = (7, data)``. ``bitmaps`` maps chunk numbers
+    ``blocks`` maps payload block numbers to bytes (FULLY_PRESENT, zero padded to the block),
+    to a bare state int (ZERO, UNMAPPED, NOT_PRESENT...: offset 0, no data), or to a
+    ``(state, data)`` tuple such as ``(PARTIALLY_PRESENT, data)`` for differencing files. ``bitmaps`` maps chunk numbers
     to sector-bitmap contents (PRESENT). ``kind="fixed"`` makes every block FULLY_PRESENT and sets
     LeaveBlockAllocated. ``extra_items``: (guid, data, flags bits: 1 user, 2 virtual disk,
     4 required).
