@@ -1,0 +1,1 @@
+"""Independent image writers used only by the tests."""
