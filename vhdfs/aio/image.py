@@ -4,7 +4,9 @@ trio side, group commit on a timer, and the flush-error latch.
 Why this shape:
 
 * **Reads** map the range (no lock: the block layer keeps its in-memory maps consistent for
-  readers) and try ``preadv(..., RWF_NOWAIT)`` inline for every DATA extent. A page-cache hit
+  readers) inline when every layer can map it from memory (``Image.maps_without_io``; else the
+  whole read goes to a worker thread), and try ``preadv(..., RWF_NOWAIT)`` inline for every
+  DATA extent. A page-cache hit
   costs no thread hop; only a miss (``BlockingIOError``) or a short read goes to a worker
   thread.
 * **Writes** go to a worker thread. Those that change metadata (allocate a block, set bitmap
@@ -116,6 +118,9 @@ class AsyncImage:
 
     async def read(self, base: int, n: int) -> bytes | bytearray | memoryview:
         """``n`` bytes at virtual offset ``base`` (inside the disk): page-cache hits inline."""
+        if not all(layer.maps_without_io(base, n) for layer in self.image.chain):
+            # a bitmap or table page must be read first: map (and read) in a worker thread
+            return await trio.to_thread.run_sync(self.image.read, base, n, limiter=self.limiter)
         exts = list(self.image.extents(base, n))
         if len(exts) == 1 and exts[0].kind == Kind.ZERO:
             return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)

@@ -170,6 +170,15 @@ class Image(abc.ABC):
         """Bytes of virtual disk this layer stores (for ``st_blocks`` and ``info``)."""
         return sum(e.length for e in self.map_layer(0, self.size) if e.kind == Kind.DATA) if self.size else 0
 
+    def maps_without_io(self, offset: int, length: int) -> bool:
+        """True when ``map_layer`` over this range needs no file read (all it needs is cached).
+
+        A trio front end maps inline on its event loop only then; otherwise it maps in a worker
+        thread, so a cache miss never stalls every other request. Drivers whose maps live
+        wholly in memory keep the default.
+        """
+        return True
+
     def write_is_in_place(self, offset: int, length: int) -> bool:
         """True when writing this range changes no metadata (no allocation, no bitmap bit)."""
         return False

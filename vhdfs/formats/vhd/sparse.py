@@ -112,6 +112,15 @@ class SparseVhd(Image):
             old = self._bitmaps.pop(block, _FULL)
             self._cache_bytes -= len(old) if old is not None else 0
 
+    def maps_without_io(self, offset: int, length: int) -> bool:
+        """Every allocated block the range touches has its bitmap cached (or pending)."""
+        B = self.block_size
+        for i in range(offset // B, (offset + max(length, 1) - 1) // B + 1):
+            if (self.bat[i] != fmt.UNUSED_BAT and i not in self._bitmaps and i not in self._pending_bitmaps
+                    and not (self.batmap is not None and self.batmap.is_full(i))):
+                return False
+        return True
+
     def map_layer(self, offset: int, length: int) -> Iterator[Extent]:
         B, fd, end, pos = self.block_size, self.file.fd, offset + length, offset
         while pos < end:
