@@ -108,27 +108,29 @@ class Image(abc.ABC):
 
     def flush(self) -> None:
         """Make everything written so far durable in the image file, pending metadata included."""
-        if self._open_for_writing():
+        f = self._writable_file()
+        if f is not None:
             self.commit()
-            self.file.sync()
+            f.sync()
 
     def commit(self) -> None:
         """Write pending metadata now, after one sync for the data it points at (no final sync).
 
-        Group commit (group_commit.py): the sync runs without ``meta_lock``, so other writers,
+        Group commit (block/pending.py): the sync runs without ``meta_lock``, so other writers,
         allocating ones included, go on meanwhile; only entries taken before the sync are
         written after it. A daemon calls this soon after writes, so that its own crash loses
         little of what was written but not yet flushed. Called with ``meta_lock`` already held
         (an RLock), the lock simply stays held across the sync.
         """
-        if not self._open_for_writing():
+        f = self._writable_file()
+        if f is None:
             return
         with self.meta_lock:
             snapshot = self._pending_snapshot()
         if snapshot is None:
             return
         try:
-            self.file.sync()
+            f.sync()
         except BaseException as exc:
             with self.meta_lock:
                 self._write_snapshot(snapshot, sync_failed=exc)   # rolls back and re-raises
@@ -143,8 +145,10 @@ class Image(abc.ABC):
         """True when written data is not yet pointed at in the file (a commit is due)."""
         return False
 
-    def _open_for_writing(self) -> bool:
-        return self.writable and self.file is not None and self.file.fd >= 0
+    def _writable_file(self) -> "RawFile | None":
+        """The layer's file while it is open for writing, else None."""
+        f = self.file
+        return f if self.writable and f is not None and f.fd >= 0 else None
 
     def _pending_snapshot(self) -> object | None:
         """A copy of the pending metadata (caller holds ``meta_lock``); None when there is none."""
@@ -223,7 +227,7 @@ class Image(abc.ABC):
                 continue
             parent = self.backing
             inside = 0 if parent is None else max(0, min(ext.end, parent.size) - ext.offset)
-            if inside:
+            if parent is not None and inside:
                 yield from parent._resolve(ext.offset, inside, layer + 1)
             if inside < ext.length:
                 yield Extent(ext.offset + inside, ext.length - inside, Kind.ZERO, layer=layer)

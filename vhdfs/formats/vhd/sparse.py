@@ -40,6 +40,8 @@ BITMAP_CACHE_BYTES = 64 * 1024 * 1024
 class SparseVhd(Image):
     """A dynamic (type 3) or differencing (type 4) VHD layer."""
 
+    file: RawFile   # always open (narrows Image.file)
+
     format = "vhd"
 
     def __init__(self, path: str, f: RawFile, footer: fmt.Footer, footer_offset: int,
