@@ -116,11 +116,13 @@ class SparseVhd(Image):
 
     def maps_without_io(self, offset: int, length: int) -> bool:
         """Every allocated block the range touches has its bitmap cached (or pending)."""
-        B = self.block_size
-        for i in range(offset // B, (offset + max(length, 1) - 1) // B + 1):
-            if (self.bat[i] != fmt.UNUSED_BAT and i not in self._bitmaps and i not in self._pending_bitmaps
+        B, bat, cached = self.block_size, self.bat, self._bitmaps
+        i, last = offset // B, (offset + max(length, 1) - 1) // B
+        while i <= last:
+            if (i not in cached and bat[i] != fmt.UNUSED_BAT and i not in self._pending_bitmaps
                     and not (self.batmap is not None and self.batmap.is_full(i))):
                 return False
+            i += 1
         return True
 
     def map_layer(self, offset: int, length: int) -> Iterator[Extent]:
