@@ -16,6 +16,7 @@ import random
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ try:
         os.chmod(path, int(rest[0], 8)); print("ok")
     elif op == "chown":
         os.chown(path, int(rest[0]), int(rest[1])); print("ok")
+    elif op == "stat":
+        st = os.stat(path); print("ok %o %d" % (st.st_mode & 0o7777, st.st_uid))
     elif op == "list":
         os.listdir(path); print("ok")
 except OSError as e:
@@ -290,6 +293,50 @@ def test_chmod_never_adds_write_bits_to_a_readonly_mount(users: Users, shared_di
         with pytest.raises(OSError) as exc:
             os.open(disk, os.O_RDWR)
         assert exc.value.errno == errno.EROFS
+
+
+def _users_may_open_dev_fuse() -> bool:
+    try:
+        return bool(os.stat("/dev/fuse").st_mode & 0o006 == 0o006)
+    except OSError:
+        return False
+
+
+@needs_root
+@needs_useradd
+@pytest.mark.skipif(not _users_may_open_dev_fuse(), reason="/dev/fuse is not open to other users here")
+def test_a_user_mounts_an_image_it_can_read(users: Users, shared_dir: Path) -> None:
+    """Without allow_other, as before: only the mounting user gets in, and it does."""
+    from mounting import REPO, force_unmount
+
+    member = users.member
+    img, mp = shared_dir / "disk.img", shared_dir / "um"
+    _disk(img, 0o640, 0, users.gid)              # the member reads it through the group
+    mp.mkdir()
+    os.chown(mp, member.uid, member.gid)
+    env = ["env", f"PYTHONPATH={REPO}", "XDG_RUNTIME_DIR="]
+    vh = ["runuser", "-u", member.name, "--", *env, sys.executable, "-m", "vhdfs"]
+    try:
+        with Unchanged(img):
+            run([*vh, "mount", "--format", "raw", str(img), str(mp)], cwd="/")
+            assert member.do("read", mp / "disk-p1.raw") == f"ok {_windows(img)['disk-p1.raw']}"
+            assert users.outsider.do("read", mp / "disk.raw") == "EACCES"
+            run([*vh, "umount", str(mp)], cwd="/")
+            # A snapshot over an image it may only read: the image's bits would refuse it the
+            # writes it owns, so the file is the member's alone (the fallback of service/access).
+            vdisk = shared_dir / "base.vhd"
+            vhdfs("create", "--type", "dynamic", "--size", "8M", vdisk, check=True)
+            os.chown(vdisk, 0, users.gid)
+            os.chmod(vdisk, 0o640)
+            run([*vh, "mount", "--snapshot", str(vdisk), str(mp)], cwd="/")
+            assert member.do("stat", mp / "base.raw") == f"ok 600 {member.uid}"
+            assert member.do("write", mp / "base.raw") == "ok"
+            run([*vh, "umount", str(mp)], cwd="/")
+        folder = Path(tempfile.gettempdir()) / f"vhdfs-{member.uid}"
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    finally:
+        force_unmount(mp)
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"vhdfs-{member.uid}", ignore_errors=True)
 
 
 # -- state files ----------------------------------------------------------------------------
