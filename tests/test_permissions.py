@@ -29,7 +29,7 @@ import pytest
 from conftest import needs_root
 from mounting import mounted, run, sfdisk_partitions, sha256_file, vhdfs
 
-from vhdfs.service.access import Access, changed, exposed_access, socket_mode
+from vhdfs.aio.access import Access, changed, exposed_access, socket_mode
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -323,7 +323,7 @@ def test_a_user_mounts_an_image_it_can_read(users: Users, shared_dir: Path) -> N
             assert users.outsider.do("read", mp / "disk.raw") == "EACCES"
             run([*vh, "umount", str(mp)], cwd="/")
             # A snapshot over an image it may only read: the image's bits would refuse it the
-            # writes it owns, so the file is the member's alone (the fallback of service/access).
+            # writes it owns, so the file is the member's alone (the fallback of aio/access).
             vdisk = shared_dir / "base.vhd"
             vhdfs("create", "--type", "dynamic", "--size", "8M", vdisk, check=True)
             os.chown(vdisk, 0, users.gid)

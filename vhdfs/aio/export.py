@@ -3,7 +3,7 @@
 A partition export shares its disk's ``AsyncImage`` (lock, limiter, committer) and clips every
 request to its window, so nothing ever lands outside the partition. Names follow one rule for
 every front end: ``<stem>.raw`` for the disk, ``<stem>-p<N>.raw`` for partition N. Each
-export's owner and mode come from the image the user named (``service/access.py``), decided
+export's owner and mode come from the image the user named (``aio/access.py``), decided
 here once for all of a disk's exports.
 """
 
@@ -18,7 +18,7 @@ import trio
 from ..block.image import Image
 from ..block.partitions import find_partitions
 from ..errors import ReadOnlyError, UsageError
-from ..service.access import Access, exposed_access, private
+from .access import Access, exposed_access, private
 from .image import AsyncImage
 
 

@@ -23,7 +23,7 @@ import pyfuse3
 from ..errors import VhdfsError
 from ..aio.export import Export
 from ..aio.image import AsyncImage
-from ..service.access import changed
+from ..aio.access import changed
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class VhdfsOperations(pyfuse3.Operations):
             entry.st_blocks = 0
             return entry
         f = self._file(inode)
-        access = f.access.for_writable(f.writable)     # the image's owner and bits (service/access.py)
+        access = f.access.for_writable(f.writable)     # the image's owner and bits (aio/access.py)
         entry.st_mode = stat.S_IFREG | access.mode
         entry.st_uid = access.uid
         entry.st_gid = access.gid
@@ -147,7 +147,7 @@ class VhdfsOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """Timestamps are accepted (``touch`` works) and ignored; the size is fixed. A file's mode
-        and owner change in memory as ``service.access.changed`` allows (its owner or root; never
+        and owner change in memory as ``aio.access.changed`` allows (its owner or root; never
         a write bit on a read-only file); the folder's are fixed."""
         want_access = fields.update_mode or fields.update_uid or fields.update_gid
         if inode == ROOT:

@@ -59,7 +59,7 @@ def create_snapshot(base: Image, keep: str | None = None, **open_kwargs: object)
     dirs = [os.path.dirname(base.path), *open_kwargs.pop("parent_dirs", ())]  # type: ignore[misc]
     try:
         # It will hold what is written through the mount: private to its user, whatever the
-        # umask (the exports follow the base's access, service/access.py). Before any data.
+        # umask (the exports follow the base's access, aio/access.py). Before any data.
         os.chmod(child, 0o600)
         img = open_image(child, True, parent_dirs=dirs, **open_kwargs)  # type: ignore[arg-type]
     except BaseException:
