@@ -116,15 +116,18 @@ def _check_blocks(bat: array, bsize: int, bm_bytes: int, vsize: int,
 
 def count_unused(bat: array, unused: int, chunk: int = 4096) -> int:
     """``bat.count(unused)``, skipping whole unused chunks by bytes (~5 ms, not ~30, for 1 M entries)."""
-    raw = bat.tobytes()
+    raw = memoryview(bat).cast("B")     # no copy of the whole table: RSS stays flat
     width = bat.itemsize * chunk
     empty = array(bat.typecode, [unused]).tobytes() * chunk
     n = 0
-    for base in range(0, len(bat), chunk):
-        if raw[base * bat.itemsize:base * bat.itemsize + width] == empty[:width]:
-            n += min(chunk, len(bat) - base)
-        else:
-            n += bat[base:base + chunk].count(unused)
+    try:
+        for base in range(0, len(bat), chunk):
+            if bytes(raw[base * bat.itemsize:base * bat.itemsize + width]) == empty[:width]:
+                n += min(chunk, len(bat) - base)
+            else:
+                n += bat[base:base + chunk].count(unused)
+    finally:
+        raw.release()       # the table may grow again once no view pins it
     return n
 
 
@@ -134,15 +137,18 @@ def _allocated_entries(bat: array, unused: int, chunk: int = 4096) -> Iterator[t
     Whole chunks of unused entries are skipped by comparing their bytes (memcmp speed): a
     2040 GiB image has ~1 M entries, and looping over them in Python cost ~40 ms of every mount.
     """
-    raw = bat.tobytes()
+    raw = memoryview(bat).cast("B")     # no copy of the whole table: RSS stays flat
     width = bat.itemsize * chunk
     empty = array(bat.typecode, [unused]).tobytes() * chunk
-    for base in range(0, len(bat), chunk):
-        if raw[base * bat.itemsize:base * bat.itemsize + width] == empty[:width]:
-            continue
-        for j, entry in enumerate(bat[base:base + chunk]):
-            if entry != unused:
-                yield base + j, entry
+    try:
+        for base in range(0, len(bat), chunk):
+            if bytes(raw[base * bat.itemsize:base * bat.itemsize + width]) == empty[:width]:
+                continue
+            for j, entry in enumerate(bat[base:base + chunk]):
+                if entry != unused:
+                    yield base + j, entry
+    finally:
+        raw.release()
 
 
 def _load_locators(f: RawFile, header: fmt.DynamicHeader, footer: fmt.Footer, file_size: int,
