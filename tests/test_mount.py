@@ -375,11 +375,14 @@ async def test_failed_background_commit_is_reported_once_at_the_next_fsync(tmp_p
     def failing_sync(self: RawFile) -> None:
         raise OSError(errno.EIO, "injected")
 
+    rollbacks: list[int] = []
+    shared.on_rollback = lambda: rollbacks.append(1)   # the daemon drops the kernel's cached pages here
     RawFile.sync = failing_sync  # type: ignore[method-assign]
     try:
         await shared.commit_pending()      # logs, never raises
     finally:
         RawFile.sync = real_sync           # type: ignore[method-assign]
+    assert rollbacks == [1], "a rollback must invalidate what the kernel caches"
     assert not image.has_pending_metadata()
     assert await ops.read(ino, 0, 4) == bytes(4), "rolled-back data must not show"
     with pytest.raises(pyfuse3.FUSEError) as exc:

@@ -90,6 +90,39 @@ def test_writes_are_clipped_to_the_partition(tmp_path: Path) -> None:
     assert after[end:] == before[end:]
 
 
+@pytest.mark.parametrize("flags", [(), ("--no-partitions",)], ids=["partitions", "disk-only"])
+def test_cached_reads_see_writes_through_any_file(tmp_path: Path, flags: tuple[str, ...]) -> None:
+    """The kernel page cache is on by default: a write through one file must show in every
+    file over the same bytes (the disk and its partition), however much of them was cached."""
+    disk = tmp_path / "disk.img"
+    _disk(disk, MBR_LAYOUT)
+    start, length = sfdisk_partitions(disk)[2]
+    with mounted([disk], tmp_path / "mnt", "--format", "raw", "-w", *flags) as m:
+        whole = m.file("disk.raw").read_bytes()            # fill the caches of both files
+        part_path = m.file("disk-p2.raw") if not flags else None
+        if part_path:
+            assert part_path.read_bytes() == whole[start:start + length]
+            with open(part_path, "r+b", buffering=0) as fh:
+                fh.seek(8192)
+                fh.write(b"\x11" * 4096)
+            with open(m.file("disk.raw"), "rb") as fh:
+                fh.seek(start + 8192)
+                assert fh.read(4096) == b"\x11" * 4096, "the disk file shows the partition's write"
+        with open(m.file("disk.raw"), "r+b", buffering=0) as fh:
+            fh.seek(start + 16384)
+            fh.write(b"\x22" * 4096)
+        with open(m.file("disk.raw"), "rb") as fh:
+            fh.seek(start + 16384)
+            assert fh.read(4096) == b"\x22" * 4096
+        if part_path:
+            with open(part_path, "rb") as fh:
+                fh.seek(16384)
+                assert fh.read(4096) == b"\x22" * 4096, "the partition file shows the disk's write"
+        assert m.unmount() == 0
+    after = disk.read_bytes()
+    assert after[start + 16384:start + 20480] == b"\x22" * 4096
+
+
 @needs_root
 @pytest.mark.timeout(120)
 def test_mount_a_partition_file_directly_and_hide_them(tmp_path: Path) -> None:

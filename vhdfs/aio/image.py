@@ -55,6 +55,9 @@ class AsyncImage:
     temp_child: str | None = None     # snapshot child to delete at unmount
     commit_failed: Exception | None = None   # a background commit's error, for the next flush
     commit_wanted: trio.Event = field(default_factory=trio.Event)   # wakes the committer early
+    # Called (in a worker thread) after a failed flush or commit rolled writes back: the
+    # mount drops what the kernel page cache holds of this image's files (operations.py).
+    on_rollback: Callable[[], None] | None = None
     # the layers whose map may need I/O (those overriding ``Image.maps_without_io``)
     _map_checks: list[Callable[[int, int], bool]] = field(init=False, default_factory=list)
 
@@ -85,7 +88,11 @@ class AsyncImage:
         """
         if self.writable:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.image.flush, limiter=self.limiter)
+                try:
+                    await trio.to_thread.run_sync(self.image.flush, limiter=self.limiter)
+                except BaseException:
+                    await self.rolled_back()
+                    raise
             failed, self.commit_failed = self.commit_failed, None
             if failed is not None:
                 raise OSError(errno.EIO, f"an earlier background commit failed: {failed}")
@@ -105,6 +112,19 @@ class AsyncImage:
             except Exception as exc:  # noqa: BLE001 - reported at the next flush
                 log.error("%s: background commit failed: %s", self.image.path, exc)
                 self.commit_failed = exc
+                await self.rolled_back()
+
+    async def rolled_back(self) -> None:
+        """Writes were rolled back: what the kernel caches of this image may now be stale.
+
+        Runs ``on_rollback`` in a thread of trio's default limiter, never this image's own:
+        invalidating waits for pages under read, and those reads may need the image's threads.
+        """
+        if self.on_rollback is not None:
+            try:
+                await trio.to_thread.run_sync(self.on_rollback)
+            except Exception as exc:  # noqa: BLE001 - the write error is what gets reported
+                log.error("%s: cannot drop the kernel's cached pages: %s", self.image.path, exc)
 
     async def run_committer(self, interval: float) -> None:
         """Commit every ``interval`` seconds, or at once when a write finds a commit due.

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 COMMANDS = ("info", "create", "check", "mount", "umount", "convert", "commit")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only``, just that subcommand (the others' modules stay unimported)."""
     parser = argparse.ArgumentParser(
         prog="vhdfs",
         description="Expose VHD and VDI virtual-disk images (and differencing chains) as flat raw files.")
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
+        if only is not None and name != only:
+            continue
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:
@@ -43,8 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_named(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (the first word that is not an option), if it is one.
+
+    Only that command's module is then imported: the daemon (``mount -f``) starts without
+    importing create, convert, commit and their block-layer modules.
+    """
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=_command_named(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,

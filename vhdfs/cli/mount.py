@@ -38,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE mount options, e.g. allow_other")
     p.add_argument("--cache", action="store_true",
-                   help="use the kernel page cache (keep_cache, long attribute timeouts): best for read-mostly use")
+                   help="keep attributes long on writable mounts too (the kernel page cache is the default)")
+    p.add_argument("--direct-io", action="store_true",
+                   help="bypass the kernel page cache: every read reaches the daemon (no double caching)")
     p.add_argument("--no-partitions", action="store_true", help="do not expose <stem>-p<N>.raw partition files")
     p.add_argument("--snapshot", action="store_true",
                    help="writes go to a new differencing child; the image itself never changes")
@@ -149,7 +151,7 @@ def _serve(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
             if ex.temp_child:
                 os.unlink(ex.temp_child)
         raise
-    return serve(files, mountpoint, cache=args.cache, extra_options=_fuse_opts(args))
+    return serve(files, mountpoint, cache=args.cache, direct_io=args.direct_io, extra_options=_fuse_opts(args))
 
 
 def _configure_daemon_logging(debug: bool) -> None:
@@ -166,7 +168,8 @@ def _child_argv(args: argparse.Namespace, images: list[str], mountpoint: str) ->
     argv += ["mount", "--foreground", "--format", args.format]
     for name, value in driver_options(args).items():
         argv += [_flag(name), value]
-    for flag, on in (("--rw", args.rw), ("--cache", args.cache), ("--no-partitions", args.no_partitions),
+    for flag, on in (("--rw", args.rw), ("--cache", args.cache), ("--direct-io", args.direct_io),
+                     ("--no-partitions", args.no_partitions),
                      ("--snapshot", args.snapshot), ("--force", args.force),
                      ("--ignore-parent-id", args.ignore_parent_id)):
         if on:

@@ -6,7 +6,7 @@ once the raw files are there -- exactly what mount(8) expects of a helper. Examp
 
     /srv/img/disk.vhd  /mnt/vhd  vhdfs  ro,nofail  0 0
 
-vhdfs options: ``rw``/``ro``, ``cache``, ``nopartitions``, ``snapshot``, ``parent_dir=DIR``
+vhdfs options: ``rw``/``ro``, ``cache``, ``direct_io``, ``nopartitions``, ``snapshot``, ``parent_dir=DIR``
 (repeatable), ``format=raw|vhd|vdi``, ``debug``. FUSE/VFS options (``allow_other``, ``nosuid``,
 ``nodev``, ``noexec``, ``noatime`` ...) pass through; mount(8)-only options are ignored.
 """
@@ -37,6 +37,8 @@ def translate(spec: str, directory: str, options: str, sloppy: bool = False) -> 
             args.append("--rw")
         elif name == "cache":
             args.append("--cache")
+        elif name in ("direct_io", "directio"):
+            args.append("--direct-io")
         elif name in ("nopartitions", "no_partitions"):
             args.append("--no-partitions")
         elif name == "snapshot":

@@ -25,6 +25,7 @@ from ..aio.export import Export, Exposed, build_exports
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
+READAHEAD_KB = 4096     # the mount's readahead (the kernel's FUSE default is 128 KiB)
 COMMIT_INTERVAL = 1.0   # seconds between background commits of pending metadata (group commit)
 
 
@@ -40,7 +41,7 @@ def fuse_options(writable: bool, extra: Iterable[str] = ()) -> set[str]:
     return opts
 
 
-def serve(files: list[Export], mountpoint: str, *, cache: bool = False,
+def serve(files: list[Export], mountpoint: str, *, cache: bool = False, direct_io: bool = False,
           extra_options: Iterable[str] = ()) -> int:
     """Mount, serve until unmounted or SIGTERM/SIGINT, then flush and close every image.
 
@@ -48,7 +49,7 @@ def serve(files: list[Export], mountpoint: str, *, cache: bool = False,
     """
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     mountpoint = os.path.abspath(mountpoint)
-    ops = VhdfsOperations(files, cache=cache)
+    ops = VhdfsOperations(files, cache=cache, direct_io=direct_io)
     writable = any(f.writable for f in files)
     options = fuse_options(writable, extra_options)
     log.debug("FUSE options: %s", sorted(options))
@@ -57,6 +58,7 @@ def serve(files: list[Export], mountpoint: str, *, cache: bool = False,
     except RuntimeError:
         _close_images(ops)
         raise VhdfsError("cannot mount here (see the FUSE message above)", mountpoint) from None
+    ops.watch_rollbacks()
     served_ok = False
     try:
         trio.run(_main, ops, mountpoint, files)
@@ -75,6 +77,23 @@ def serve(files: list[Export], mountpoint: str, *, cache: bool = False,
     state.remove(mountpoint, ".json")
     log.info("unmounted %s (%s)", mountpoint, "clean" if ok else "WITH ERRORS")
     return 0 if ok else 1
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead ``READAHEAD_KB`` on this mount (root only; best effort).
+
+    Cached sequential reads then reach the daemon as 1 MiB requests (FUSE's largest) with
+    several in flight, instead of 128 KiB ones: ``dd bs=4k`` of a cold disk went from ~260 to
+    ~1100 MB/s. Found through mountinfo, not ``stat``, which would be a request to ourselves.
+    """
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [ln.split()[2] for ln in f if ln.split()[4] == mountpoint]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(READAHEAD_KB))
+    except OSError as exc:
+        log.debug("readahead left at the kernel's default: %s", exc)
 
 
 async def _main(ops: VhdfsOperations, mountpoint: str, files: list[Export]) -> None:
@@ -115,6 +134,8 @@ async def _announce_ready(ops: VhdfsOperations, mountpoint: str, files: list[Exp
         log.error("the mount did not answer within %.0f s; giving up", READY_TIMEOUT)
         pyfuse3.terminate()
         return
+    if len(ops.direct_io_inodes) < len(files):
+        _raise_readahead(mountpoint)    # after FUSE_INIT, whose reply resets it
     state.write(mountpoint, ".json", {
         "pid": os.getpid(), "mountpoint": mountpoint,
         "images": [s.image.path for s in ops.shared_images],

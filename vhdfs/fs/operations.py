@@ -60,16 +60,39 @@ class VhdfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, files: Sequence[Export], cache: bool = False) -> None:
+    def __init__(self, files: Sequence[Export], cache: bool = False, direct_io: bool = False) -> None:
         super().__init__()
         self.files: dict[int, Export] = {ROOT + 1 + i: f for i, f in enumerate(files)}
         self.by_name: dict[bytes, int] = {os.fsencode(f.name): ino for ino, f in self.files.items()}
         self.cache = cache
         self.failsafe = False
-        # Sizes never change, so even the default mode can keep attributes a while; the cache
-        # mode keeps them long (read-mostly use, fewer getattr round trips).
-        self.attr_timeout = 300.0 if cache else 1.0
+        # The kernel page cache (keep_cache, no direct_io) is the default: warm reads never
+        # reach Python, small reads get the kernel's readahead. It stays coherent because
+        # writes through the mount go through it, a rollback invalidates it (invalidate_image),
+        # and files whose bytes overlap (a disk and its partitions) are never cached while
+        # writable: a write through one would leave the other's pages stale. Those, and every
+        # file with --direct-io, use direct_io (no page cache, one request per read).
+        by_image: dict[int, list[int]] = {}
+        for ino, f in self.files.items():
+            by_image.setdefault(id(f.shared), []).append(ino)
+        self.direct_io_inodes: set[int] = {
+            ino for inos in by_image.values() for ino in inos
+            if direct_io or (self.files[ino].writable and len(inos) > 1)}
+        # Sizes never change and st_blocks only grows with writes: attributes may be kept long
+        # on read-only mounts (fewer getattr round trips); --cache keeps them long everywhere.
+        self.attr_timeout = 300.0 if cache or not any(f.writable for f in files) else 1.0
         self.mtime_ns = time.time_ns()
+
+    def watch_rollbacks(self) -> None:
+        """Once mounted: a rolled-back write makes the kernel drop that image's cached pages."""
+        for shared in self.shared_images:
+            shared.on_rollback = functools.partial(self.invalidate_image, shared)
+
+    def invalidate_image(self, shared: AsyncImage) -> None:
+        """Drop the kernel's cached pages of every file of ``shared`` (from a worker thread)."""
+        for ino, f in self.files.items():
+            if f.shared is shared and ino not in self.direct_io_inodes:
+                pyfuse3.invalidate_inode(ino)
 
     @property
     def shared_images(self) -> list[AsyncImage]:
@@ -214,9 +237,9 @@ class VhdfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EPERM if f.writable else errno.EROFS)
-        # Default: direct_io (1 MiB requests, no double caching under a loop device).
-        # --cache: the kernel page cache keeps what was read across opens.
-        return pyfuse3.FileInfo(fh=inode, direct_io=not self.cache, keep_cache=self.cache)
+        # Default: the kernel page cache, kept across opens. direct_io: see __init__.
+        direct = inode in self.direct_io_inodes
+        return pyfuse3.FileInfo(fh=inode, direct_io=direct, keep_cache=not direct)
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -31,7 +31,7 @@ from ...block.image import Extent, Image, Kind
 from ...block.pending import commit_every, write_entry_runs
 from ...block.rawfile import RawFile
 from .bitmap import all_set, count_set, runs, set_bits
-from .layout import SparseLayout
+from .layout import SparseLayout, count_unused
 
 _FULL = None                 # bitmap cache value for "every sector present"
 BITMAP_CACHE_BYTES = 64 * 1024 * 1024
@@ -405,7 +405,7 @@ class SparseVhd(Image):
         return fmt.uuid_str(self.footer.unique_id)
 
     def allocated_blocks(self) -> int:
-        return len(self.bat) - self.bat.count(fmt.UNUSED_BAT)
+        return len(self.bat) - count_unused(self.bat, fmt.UNUSED_BAT)
 
     def allocated_bytes(self) -> int:
         """Allocated blocks times the block size (capped): O(1)-ish, so a 2 TiB image mounts fast."""
