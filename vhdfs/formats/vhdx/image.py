@@ -173,16 +173,17 @@ class VhdxImage(VhdxWriter, Image):
                 f"{p.first_sequence}..{p.last_sequence}")
 
     def describe(self) -> dict[str, Any]:
-        L, h = self.layout, self.layout.header
+        L = self.layout
+        h = self.journal.header if self.journal is not None else L.header
         out: dict[str, Any] = {
             "format": "vhdx", "type": self.type, "block_size": self.block_size,
             "logical_sector_size": L.logical_sector_size,
             "physical_sector_size": L.physical_sector_size,
             "creator": L.creator, "file_write_guid": str(h.file_write_guid),
             "data_write_guid": str(self.data_write_guid), "log_guid": str(h.log_guid),
-            "page83": str(L.page83), "header_slot": L.header_slot,
+            "page83": str(L.page83),
             "header_sequence": h.sequence_number,
-            "header_sequences": list(L.header_sequences),
+            "header_slot": self.journal.slot if self.journal is not None else L.header_slot,
             "region_table": L.region_table_slot, "log": self._log_text(),
             "log_offset": h.log_offset, "log_length": h.log_length,
             "bat_offset": L.bat_offset, "bat_entries": L.geometry.entry_count,

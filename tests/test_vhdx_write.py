@@ -1,0 +1,303 @@
+"""Writing VHDX: random writes against a flat shadow (fixed, dynamic, differencing; 512 and 4096
+sectors), sector-exact differencing states, discard, the header/GUID protocol, on-disk replay
+of a dirty log, batched commits, qemu-img as an oracle, and a crash-prefix replay of every
+pwrite/sync the driver issues. Images come from the independent test writer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import struct
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from images import vhdx_writer as w
+from vhdfs.block import open_image
+from vhdfs.block.driver import Severity
+from vhdfs.block.rawfile import RawFile
+from vhdfs.formats.vhdx import layout as vlayout
+from vhdfs.formats.vhdx import spec
+
+MiB = 1024 * 1024
+G_BASE, G_CHILD = uuid.UUID(int=0xB1), uuid.UUID(int=0xC1)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def headers(p: Path):
+    data = p.read_bytes()
+    lay, plan, _ = vlayout.open_layout(lambda n, o: data[o:o + n], len(data))
+    return lay, plan
+
+
+def make(tmp: Path, kind: str, logical: int, size: int = 8 * MiB) -> tuple[Path, bytearray, list[Path]]:
+    """An image to write into, its expected content, and its parents."""
+    rnd = random.Random(logical)
+    if kind != "differencing":
+        blocks = {} if kind == "fixed" else {0: rnd.randbytes(MiB), 2: w.ZERO, 5: w.UNMAPPED}
+        if kind == "fixed":
+            blocks = {b: rnd.randbytes(MiB) for b in range(size // MiB)}
+        b = w.build_vhdx(size, block_size=MiB, logical=logical, kind=kind, blocks=blocks)
+        b.set_headers(data_write_guid=G_BASE)
+        p = tmp / f"{kind}.vhdx"
+        p.write_bytes(b.data)
+        return p, bytearray(b.raw_content()), []
+    base = w.build_vhdx(size, block_size=MiB, logical=logical,
+                        blocks={i: rnd.randbytes(MiB) for i in range(size // MiB)})
+    base.set_headers(data_write_guid=G_BASE)
+    bp = tmp / "base.vhdx"
+    bp.write_bytes(base.data)
+    child = w.build_vhdx(size, block_size=MiB, logical=logical, kind="differencing",
+                         blocks={3: w.ZERO, 4: w.UNDEFINED},
+                         parent_locator={"parent_linkage": "{%s}" % G_BASE,
+                                         "relative_path": ".\\base.vhdx"})
+    child.set_headers(data_write_guid=G_CHILD)
+    cp = tmp / "child.avhdx"
+    cp.write_bytes(child.data)
+    expect = bytearray(base.raw_content())
+    expect[3 * MiB:5 * MiB] = bytes(2 * MiB)
+    return cp, expect, [bp]
+
+
+def random_ops(rnd: random.Random, size: int, logical: int, count: int):
+    for _ in range(count):
+        n = rnd.choice([1, 7, logical - 1, logical, 3 * logical + 5, 70_000, MiB, MiB + 300])
+        off = rnd.choice([rnd.randrange(size - n), rnd.randrange(size // logical - 8) * logical,
+                          (rnd.randrange(size // MiB - 1) + 1) * MiB - rnd.randrange(1, 4096)])
+        off = max(0, min(off, size - n))
+        yield off, rnd.randbytes(n)
+
+
+@pytest.mark.parametrize("logical", [512, 4096])
+@pytest.mark.parametrize("kind", ["fixed", "dynamic", "differencing"])
+def test_random_writes_against_shadow(tmp_path, kind, logical):
+    path, shadow, parents = make(tmp_path, kind, logical)
+    size = len(shadow)
+    parent_hashes = [sha(p) for p in parents]
+    before, _ = headers(path)
+    rnd = random.Random(hash((kind, logical)) & 0xFFFF)
+    with open_image(path, writable=True) as img:
+        for i, (off, data) in enumerate(random_ops(rnd, size, logical, 80)):
+            img.write(off, data)
+            shadow[off:off + len(data)] = data
+            if i % 9 == 0:
+                img.flush()
+            if i % 13 == 0:
+                d_off, d_len = rnd.randrange(size - 3 * MiB), rnd.choice([100, MiB, 2 * MiB + 700])
+                img.discard(d_off, d_len)
+                shadow[d_off:d_off + d_len] = bytes(d_len)
+        assert img.read(0, size) == bytes(shadow)
+    with open_image(path) as img:
+        assert img.read(0, size) == bytes(shadow)
+        assert [f for f in img.check() if f.severity == Severity.ERROR] == []
+    after, plan = headers(path)
+    assert plan is None and after.header.log_guid == spec.NULL_GUID        # clean close
+    assert after.header.file_write_guid != before.header.file_write_guid
+    assert after.header.data_write_guid != before.header.data_write_guid
+    assert after.header.sequence_number > before.header.sequence_number
+    assert [sha(p) for p in parents] == parent_hashes
+    if logical == 512 and kind != "differencing" and shutil.which("qemu-img"):
+        raw = tmp_path / "shadow.raw"
+        raw.write_bytes(shadow)
+        chk = subprocess.run(["qemu-img", "check", "-f", "vhdx", str(path)], capture_output=True, text=True)
+        assert chk.returncode == 0, chk.stdout + chk.stderr
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "vhdx", "-F", "raw", str(path), str(raw)],
+                             capture_output=True, text=True)
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def _entry(img, block: int) -> int:
+    return img.entry(block)
+
+
+@pytest.mark.parametrize("logical", [512, 4096])
+def test_differencing_states_are_sector_exact(tmp_path, logical):
+    path, expect, parents = make(tmp_path, "differencing", logical)
+    with open_image(path, writable=True) as img:
+        img.write(1 * MiB + 3 * logical + 1, b"xy")          # inside one sector of block 1
+        img.write(2 * MiB, b"\x07" * MiB)                     # the whole of block 2
+        img.write(3 * MiB + 5, b"z")                          # a ZERO block
+        img.write(6 * MiB + MiB - 10, b"q" * 20)              # straddles blocks 6 and 7
+    with open_image(path) as img:
+        e1 = _entry(img, 1)
+        assert e1 & 7 == spec.PAYLOAD_PARTIALLY_PRESENT
+        spb = MiB // logical
+        bits = img.block_bits(1, 0, spb)
+        assert bits == 1 << 3                                 # exactly the one written sector
+        assert _entry(img, 2) & 7 == spec.PAYLOAD_FULLY_PRESENT
+        assert _entry(img, 3) & 7 == spec.PAYLOAD_FULLY_PRESENT
+        assert img.read(3 * MiB, 8) == b"\0" * 5 + b"z\0\0"  # zero padded, not the parent
+        assert img.block_bits(6, 0, spb) == 1 << (spb - 1)
+        assert img.block_bits(7, 0, spb) == 1
+        base = parents[0].read_bytes()
+        want = bytearray(expect)
+        want[MiB + 3 * logical + 1:MiB + 3 * logical + 3] = b"xy"
+        want[2 * MiB:3 * MiB] = b"\x07" * MiB
+        want[3 * MiB + 5] = ord("z")
+        want[7 * MiB - 10:7 * MiB + 10] = b"q" * 20
+        assert img.read(0, len(want)) == bytes(want)
+        chunk = 0
+        bm = img.bat[img.geometry.bitmap_index(chunk)]
+        assert bm & 7 == spec.SB_PRESENT and spec.bat_offset(bm) % MiB == 0
+    assert parents[0].read_bytes() == base
+
+
+def test_discard_whole_block_in_child_reads_zeros(tmp_path):
+    path, expect, parents = make(tmp_path, "differencing", 512)
+    with open_image(path, writable=True) as img:
+        img.discard(1 * MiB, MiB)
+        img.discard(2 * MiB + 512, 1000)
+    with open_image(path) as img:
+        e = _entry(img, 1)
+        assert e & 7 == spec.PAYLOAD_ZERO and spec.bat_offset(e) == 0
+        assert img.read(MiB, MiB) == bytes(MiB)
+        assert img.read(2 * MiB + 512, 1000) == bytes(1000)
+        assert img.read(2 * MiB, 512) == bytes(expect[2 * MiB:2 * MiB + 512])
+    d, shadow, _ = make(tmp_path, "dynamic", 512)
+    with open_image(d, writable=True) as img:
+        img.discard(0, MiB)
+    with open_image(d) as img:
+        assert _entry(img, 0) == spec.PAYLOAD_ZERO
+        assert img.read(0, MiB) == bytes(MiB)
+
+
+def test_writable_open_replays_a_dirty_log_on_disk(tmp_path):
+    b = w.build_vhdx(4 * MiB, block_size=MiB, blocks={0: b"\x01" * MiB})
+    off0 = b.block_offsets[0]
+    b.add_log(uuid.UUID(int=0x10C), [w.Entry(1, pages={off0: b"\x02" * 4096})])
+    b.set_headers(data_write_guid=G_BASE)          # add_log rewrote them with the defaults
+    p = tmp_path / "dirty.vhdx"
+    p.write_bytes(b.data)
+    with open_image(p, writable=True) as img:
+        assert img.describe()["log"].startswith("replayed on disk: 1 entries")
+        assert img.read(0, 4097) == b"\x02" * 4096 + b"\x01"
+    assert p.read_bytes()[off0:off0 + 4096] == b"\x02" * 4096
+    lay, plan = headers(p)
+    assert plan is None
+    # a writable open with no write keeps the DataWriteGuid (children stay valid)
+    assert lay.header.data_write_guid == G_BASE
+
+
+def test_sequential_write_does_not_sync_per_block(tmp_path, monkeypatch):
+    b = w.build_vhdx(64 * MiB, block_size=MiB)
+    p = tmp_path / "seq.vhdx"
+    p.write_bytes(b.data)
+    syncs = []
+    real = RawFile.sync
+    monkeypatch.setattr(RawFile, "sync", lambda self: (syncs.append(1), real(self)))
+    with open_image(p, writable=True) as img:
+        opened = len(syncs)
+        for i in range(64):
+            img.write(i * MiB, bytes([i + 1]) * MiB)
+        during = len(syncs) - opened
+    assert during <= 4, during                 # DataWriteGuid header + at most a commit or so
+    with open_image(p) as img:
+        assert all(img.read(i * MiB, 1) == bytes([i + 1]) for i in range(64))
+
+
+def test_writing_a_parent_changes_its_identity(tmp_path):
+    path, _expect, parents = make(tmp_path, "differencing", 512)
+    with open_image(parents[0], writable=True) as img:
+        img.write(0, b"new")
+    from vhdfs.errors import ChainError
+    with pytest.raises(ChainError, match="ignore-parent-id"):
+        open_image(path)
+
+
+# --- crash-prefix replay ------------------------------------------------------------------------
+class WriteLog:
+    def __init__(self, target: Path) -> None:
+        self.target = str(target.resolve())
+        self.ops: list[tuple[str, int, bytes]] = []
+
+    def install(self, mp) -> None:
+        log = self
+        rp, rt, rs = RawFile.pwrite, RawFile.truncate, RawFile.sync
+
+        def pwrite(self, data, offset):
+            if self.path == log.target:
+                log.ops.append(("w", offset, bytes(data)))
+            rp(self, data, offset)
+
+        def truncate(self, length):
+            if self.path == log.target:
+                log.ops.append(("t", length, b""))
+            rt(self, length)
+
+        def sync(self):
+            if self.path == log.target:
+                log.ops.append(("s", 0, b""))
+            rs(self)
+
+        mp.setattr(RawFile, "pwrite", pwrite)
+        mp.setattr(RawFile, "truncate", truncate)
+        mp.setattr(RawFile, "sync", sync)
+
+    def replay(self, original: Path, out: Path, upto: int) -> None:
+        shutil.copyfile(original, out)
+        with open(out, "r+b") as f:
+            for kind, offset, data in self.ops[:upto]:
+                if kind == "w":
+                    f.seek(offset)
+                    f.write(data)
+                elif kind == "t":
+                    f.truncate(offset)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+def test_every_prefix_of_the_write_log_replays_consistently(tmp_path, monkeypatch, kind):
+    size = 6 * MiB
+    path, shadow, parents = make(tmp_path, kind, 512, size)
+    original = tmp_path / "original"
+    shutil.copyfile(path, original)
+    parent_hashes = [sha(p) for p in parents]
+    rnd = random.Random(11)
+    log = WriteLog(path)
+    log.install(monkeypatch)
+    # (op index after which the state is promised, content then)
+    promised: list[tuple[int, bytes]] = [(0, bytes(shadow))]
+    history = [bytes(shadow)]
+    with open_image(path, writable=True) as img:
+        for i, (off, data) in enumerate(random_ops(rnd, size, 512, 14)):
+            img.write(off, data)
+            shadow[off:off + len(data)] = data
+            history.append(bytes(shadow))
+            if i % 4 == 3:
+                img.flush()
+                promised.append((len(log.ops), bytes(shadow)))
+    promised.append((len(log.ops), bytes(shadow)))
+    monkeypatch.undo()
+    cut_file = tmp_path / "cut.avhdx" if kind == "differencing" else tmp_path / "cut.vhdx"
+    sector = 512
+    for cut in range(0, len(log.ops) + 1):
+        log.replay(original, cut_file, cut)
+        last = max(c for c in promised if c[0] <= cut)
+        with open_image(cut_file) as img:
+            got = img.read(0, size)
+            errs = [f for f in img.check() if f.severity == Severity.ERROR]
+        assert not errs, (cut, errs)
+        # every flushed byte is there; any other sector holds a value written since
+        assert _flushed_ok(got, last[1], history, sector), cut
+    assert [sha(p) for p in parents] == parent_hashes
+
+
+def _flushed_ok(got: bytes, promised: bytes, history: list[bytes], sector: int) -> bool:
+    """Sectors differing from the promised state must hold a *later* value (never an older one)."""
+    idx = history.index(promised) if promised in history else 0
+    newer = history[idx:]
+    step = 64 * 1024
+    for c in range(0, len(got), step):
+        if got[c:c + step] == promised[c:c + step]:
+            continue
+        for s in range(c, min(len(got), c + step), sector):
+            g = got[s:s + sector]
+            if g != promised[s:s + sector] and not any(h[s:s + sector] == g for h in newer):
+                return False
+    return True
