@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_root
 from images import vhdx_writer as w
+
 from vhdfs import errors
 from vhdfs.block import open_image
 from vhdfs.block.extent import Kind

@@ -6,17 +6,15 @@ pwrite/sync the driver issues. Images come from the independent test writer."""
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import shutil
-import struct
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-
 from images import vhdx_writer as w
+
 from vhdfs.block import open_image
 from vhdfs.block.driver import Severity
 from vhdfs.block.rawfile import RawFile
@@ -287,7 +285,7 @@ def test_every_prefix_of_the_write_log_replays_consistently(tmp_path, monkeypatc
     sector = 512
     pick = random.Random(5)
     syncs = [i for i, op in enumerate(log.ops) if op[0] == "s"]
-    for cut in range(0, len(log.ops) + 1):
+    for cut in range(len(log.ops) + 1):
         last = max(c for c in promised if c[0] <= cut)
         since = max([i + 1 for i in syncs if i < cut] + [0])   # ops not yet made durable
         unsynced = range(since, cut)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
-from ...block.driver import CERTAIN, NO, Driver, Limits, ProbeData
+from ...block.driver import CERTAIN, NO, CreateSpec, Driver, Limits, ProbeData
 from ...block.image import Image, OpenOptions
 from ...block.rawfile import RawFile
 from ...errors import FormatError, VhdfsError
@@ -22,6 +23,7 @@ from .layout import open_layout
 from .overlay import ReplayOverlay
 from .parent import parent_ref
 
+_create: Callable[[CreateSpec], None] | None
 try:  # create.py is written alongside (another engineer); the driver reads without it
     from .create import create_from_spec as _create
 except ImportError:  # pragma: no cover - until create.py lands

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 from array import array
-from typing import Callable
+from collections.abc import Callable
 
 from ...errors import FormatError
 
@@ -147,7 +147,7 @@ class Bat:
         total_pages = -(-self.count // ENTRIES_PER_PAGE)
         for p0 in range(0, total_pages, chunk_pages):
             n = min(chunk_pages, total_pages - p0)
-            parts = []
+            parts: list[bytes | None] = []
             for p in range(p0, p0 + n):
                 if p in self.pages:
                     parts.append(self.pages[p].tobytes() if sys.byteorder == "little"
@@ -161,7 +161,7 @@ class Bat:
                                       "end of the file")
                 parts = [x if x is not None else raw[(i) * PAGE:(i + 1) * PAGE]
                          for i, x in enumerate(parts)]
-            joined = b"".join(parts)
+            joined = b"".join(x for x in parts if x is not None)
             if joined.count(0) == len(joined):
                 continue                # all NOT_PRESENT: the common case in a sparse BAT
             arr = array("Q", joined)

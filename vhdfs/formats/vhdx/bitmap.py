@@ -10,7 +10,7 @@ fast path when a range is all set or all clear. Runs may start and end anywhere 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def _tz(x: int) -> int:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ...block.driver import Finding, error, note
 from ...block.extent import Extent, Kind
@@ -113,6 +114,7 @@ class VhdxImage(VhdxWriter, Image):
         return (int.from_bytes(raw, "little") >> (s0 & 7)) & ((1 << (s1 - s0)) - 1)
 
     def map_layer(self, offset: int, length: int) -> Iterator[Extent]:
+        assert self.file is not None
         B, end, pos, fd = self.block_size, offset + length, offset, self.file.fd
         SS = self.sector_size
         while pos < end:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import log as vlog
 from .bat import PAGE

@@ -47,7 +47,7 @@ class VhdxParentRef(ParentRef):
     accepted: tuple[uuid.UUID, ...] = ()
     locator: dict[str, str] = field(default_factory=dict)
 
-    def matches(self, parent: "Image") -> bool:
+    def matches(self, parent: Image) -> bool:
         got = parse_guid(parent.identity())
         return got is not None and got in self.accepted
 
@@ -59,7 +59,7 @@ def _windows_tail(value: str) -> str:
     if m:
         rest = v[m.end():]
     else:
-        drive, rest = ntpath.splitdrive(v)
+        _drive, rest = ntpath.splitdrive(v)
     return rest.replace("\\", "/").lstrip("/")
 
 

@@ -47,6 +47,7 @@ class VhdxWriter:
     """Mixin for ``VhdxImage``: everything that changes the file."""
 
     journal: MetadataJournal | None
+    _allocated: int | None
 
     def _init_writer(self: Any) -> None:
         self.journal = None
