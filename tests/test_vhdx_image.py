@@ -402,3 +402,24 @@ def test_fuse_dirty_data_pages_and_rw_mount(tmp_path):
     with open_image(p) as img:
         assert img.read(0, img.size) == bytes(want)
         assert img.describe()["log"] == "clean"
+
+
+def test_64tib_sparse_opens_without_reading_its_bat(tmp_path):
+    """512 MiB of BAT (64 TiB at 1 MiB blocks): open, first read and allocated_bytes touch only
+    a few pages (SEEK_DATA skips the BAT's holes), and a write at the very end works."""
+    import time
+    create = pytest.importorskip("vhdfs.formats.vhdx.create")
+    p = tmp_path / "huge.vhdx"
+    create.create_vhdx(p, 64 << 40, "dynamic", block_size=MiB)
+    t = time.monotonic()
+    with open_image(p) as img:
+        assert img.read(0, 4096) == bytes(4096)
+        assert img.allocated_bytes() == 0
+        assert len(img.bat.pages) == 1
+    assert time.monotonic() - t < 1.0
+    with open_image(p, writable=True) as img:
+        img.write(img.size - 4096, b"\x44" * 4096)
+    with open_image(p) as img:
+        assert img.read(img.size - 4096, 4096) == b"\x44" * 4096
+        assert img.allocated_bytes() == MiB
+        assert [f for f in img.check() if f.severity.value == "error"] == []

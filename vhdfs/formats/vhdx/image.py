@@ -18,6 +18,7 @@ lives in ``write.py`` (a mixin), so that this module stays about reading.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -62,12 +63,21 @@ class VhdxImage(VhdxWriter, Image):
         self.sector_size = layout.logical_sector_size
         self.geometry = layout.geometry
         self.sectors_per_block = self.block_size // self.sector_size
-        self.bat = Bat(view, layout.bat_offset, layout.geometry.entry_count)
+        direct = plan is None or log_state != "replayed in memory"   # view == the file itself
+        self.bat = Bat(view, layout.bat_offset, layout.geometry.entry_count,
+                       next_data=self._next_data if direct else None)
         self.bitmaps = PageCache(view, "sector bitmap")
         self._hole = Kind.BACKING if self.differencing else Kind.ZERO
         self._allocated: int | None = None    # allocated block count, once scanned
         self.data_write_guid = layout.header.data_write_guid
         self._init_writer()
+
+    def _next_data(self, offset: int) -> int:
+        """The next offset at or after ``offset`` that is not a hole (SEEK_DATA)."""
+        try:
+            return os.lseek(self.file.fd, offset, os.SEEK_DATA)  # type: ignore[union-attr]
+        except OSError as exc:              # ENXIO: only holes from here to the end
+            return 1 << 62 if exc.errno == errno.ENXIO else offset
 
     # -- reading ------------------------------------------------------------------------------
 
