@@ -35,7 +35,7 @@ from ...errors import FormatError
 from . import spec as S
 from .bat import PAGE
 from .bitmap import set_bits
-from .journal import MetadataJournal, new_guid
+from .journal import MetadataJournal, WalJournal, open_journal
 from .layout import VhdxLayout
 from .log import ReplayPlan
 
@@ -46,7 +46,7 @@ COMMIT_PAGES = 128
 class VhdxWriter:
     """Mixin for ``VhdxImage``: everything that changes the file."""
 
-    journal: MetadataJournal | None
+    journal: MetadataJournal | WalJournal | None
     _allocated: int | None
 
     def _init_writer(self: Any) -> None:
@@ -55,7 +55,7 @@ class VhdxWriter:
         self._pending_bytes = 0
         self._file_end = 0
 
-    def _begin_session(self: Any, journal: MetadataJournal) -> None:
+    def _begin_session(self: Any, journal: MetadataJournal | WalJournal) -> None:
         """After the journal started: find where new blocks go (past everything allocated)."""
         self.journal = journal
         end = self.file_size
@@ -73,9 +73,7 @@ class VhdxWriter:
         if not self._guid_changed:
             with self.meta_lock:
                 if not self._guid_changed:
-                    guid = new_guid()
-                    self.journal.set_data_write_guid(guid)
-                    self.data_write_guid = guid
+                    self.data_write_guid = self.journal.new_data_write_guid()
                     self._guid_changed = True
 
     def _grow(self: Any, size: int) -> int:
@@ -260,7 +258,8 @@ class VhdxWriter:
         try:
             if sync_failed is not None:
                 raise sync_failed
-            self.journal.log_pages(pages, self.file_size)
+            for batch in self._commit_batches(pages):
+                self.journal.log_pages(batch, self.file_size)
         except BaseException:
             for off in pages:                 # back to what the file holds
                 if off in bat_pages:
@@ -276,6 +275,30 @@ class VhdxWriter:
                     self.bat.dirty.discard(p)
             elif off in self.bitmaps.pages and bytes(self.bitmaps.pages[off]) == data:
                 self.bitmaps.dirty.discard(off)
+
+    def _commit_batches(self: Any, pages: dict[int, bytes]) -> list[dict[int, bytes]]:
+        """Pages in log entries that are each safe to land alone, when one entry cannot hold all.
+
+        Order: sector-bitmap pages, then BAT pages holding a bitmap entry, then the other BAT
+        pages. A crash between entries then leaves bits without a PARTIALLY_PRESENT entry, or a
+        bitmap entry without its blocks (harmless), never a PARTIALLY_PRESENT block whose chunk
+        has no bitmap.
+        """
+        limit = max(1, self.journal.max_commit_pages)
+        if len(pages) <= limit:
+            return [pages]
+        bat_lo, bat_hi = self.layout.bat_offset, self.layout.bat_offset + self.layout.bat_length
+        ratio = self.geometry.chunk_ratio
+
+        def rank(off: int) -> int:
+            if not bat_lo <= off < bat_hi:
+                return 0
+            first = (off - bat_lo) // 8                       # first entry on the page
+            bm = -(-(first + 1) // (ratio + 1)) * (ratio + 1) - 1   # first bitmap index >= it
+            return 1 if bm < first + PAGE // 8 else 2
+
+        order = sorted(pages, key=lambda o: (rank(o), o))
+        return [{o: pages[o] for o in order[i:i + limit]} for i in range(0, len(order), limit)]
 
     def close(self: Any) -> None:
         if self.closed:
@@ -299,7 +322,7 @@ def open_writable(path: str, f: RawFile, layout: VhdxLayout, plan: ReplayPlan | 
     import os
 
     from .image import VhdxImage
-    journal = MetadataJournal(f, layout)
+    journal = open_journal(f, layout)
     file_size = journal.start(plan, size)
 
     def pread(length: int, offset: int) -> bytes:
