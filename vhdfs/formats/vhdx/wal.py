@@ -39,7 +39,8 @@ virtual disk can see, a header update with a new DataWriteGuid (a no-op after th
      next commit's step 1 (two flushes per commit instead of three); the entry stays named by
      the next Tail until then.
 A commit larger than one entry can hold (``max_commit_pages``) is refused with ValueError, or
-with ``split=True`` committed as several entries, each atomic on its own.
+with ``split=True`` committed as several entries, each atomic on its own: pages outside the
+BAT region (sector bitmaps) in the first parts, BAT pages last.
 
 :meth:`VhdxLog.close`: fdatasync, then a header update clearing LogGuid (a clean file).
 
@@ -219,7 +220,11 @@ class VhdxLog:
                     raise ValueError(f"a commit of {len(pages)} pages and {len(zeros)} zero runs "
                                      f"does not fit one entry of the {self._log_length}-byte log "
                                      f"(at most {limit} pages; split=True commits it in parts)")
-                keys = sorted(pages)
+                # pages outside the BAT first (sector bitmaps, metadata), then the BAT pages
+                # that may point at them: a cut between parts leaves no BAT entry ahead of its
+                # bitmap
+                bat = (self.layout.bat_offset, self.layout.bat_offset + self.layout.bat_length)
+                keys = sorted(pages, key=lambda o: (bat[0] <= o < bat[1], o))
                 first = True
                 for i in range(0, len(keys), limit):
                     part = {k: pages[k] for k in keys[i:i + limit]}
