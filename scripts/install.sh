@@ -37,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.vhdfs-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c 'import vhdfs, pyfuse3, trio' 2>/dev/null; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c 'import vhdfs, pyfuse3, trio, pyvhdi, dissect.hypervisor' 2>/dev/null; then
     echo "install.sh: installing vhdfs into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

@@ -8,6 +8,6 @@ probe score; ``raw`` comes last and never wins a probe (it is chosen by ``--form
 from __future__ import annotations
 
 from ..block.driver import Driver
-from . import raw, vdi, vhd
+from . import raw, vdi, vhd, vhdx
 
-DRIVERS: tuple[Driver, ...] = (vhd.DRIVER, vdi.DRIVER, raw.DRIVER)
+DRIVERS: tuple[Driver, ...] = (vhd.DRIVER, vdi.DRIVER, vhdx.DRIVER, raw.DRIVER)
