@@ -260,8 +260,7 @@ class WriteLog:
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "differencing"])
-def test_every_prefix_of_the_write_log_replays_consistently(tmp_path, monkeypatch, kind,
-                                                            journal_impl):
+def test_every_prefix_of_the_write_log_replays_consistently(tmp_path, monkeypatch, kind):
     size = 6 * MiB
     path, shadow, parents = make(tmp_path, kind, 512, size)
     original = tmp_path / "original"
@@ -321,7 +320,7 @@ def _flushed_ok(got: bytes, promised: bytes, history: list[bytes], sector: int) 
     return True
 
 
-def test_on_disk_replay_is_crash_safe(tmp_path, monkeypatch, journal_impl):
+def test_on_disk_replay_is_crash_safe(tmp_path, monkeypatch):
     """Kill a writable open of a dirty file at every op (header update, replay, new log, close):
     every prefix still reads as the replayed disk."""
     B = MiB
@@ -356,7 +355,7 @@ def test_on_disk_replay_is_crash_safe(tmp_path, monkeypatch, journal_impl):
     assert got == bytes(after)
 
 
-def test_log_wraps_and_the_newest_entry_wins(tmp_path, monkeypatch, journal_impl):
+def test_log_wraps_and_the_newest_entry_wins(tmp_path, monkeypatch):
     """Hundreds of commits wrap the 1 MiB log; a crash after the newest entry (pages not yet in
     place, or torn) still replays it, never an older one."""
     size = 16 * MiB
@@ -474,17 +473,7 @@ def test_qemu_replays_our_log_after_a_kill(tmp_path, monkeypatch):
     assert raw.read_bytes() == bytes(shadow)
 
 
-@pytest.fixture(params=["wal", "local"])
-def journal_impl(request, monkeypatch):
-    """Run a test on wal.VhdxLog and on journal.py's self-contained stand-in."""
-    from vhdfs.formats.vhdx import journal
-    if request.param == "wal" and journal.VhdxLog is None:
-        pytest.skip("wal.py not present")
-    monkeypatch.setattr(journal, "USE_WAL", request.param == "wal")
-    return request.param
-
-
-def test_a_commit_too_big_for_one_entry_lands_in_safe_pieces(tmp_path, monkeypatch, journal_impl):
+def test_a_commit_too_big_for_one_entry_lands_in_safe_pieces(tmp_path, monkeypatch):
     """300 blocks over 75 chunks (hundreds of BAT and bitmap pages) in one commit: whatever
     prefix of its entries survives, the chain opens, checks clean and reads old or new."""
     size = 300 << 30

@@ -3,7 +3,7 @@
 The pure layer (``spec``/``logspec`` structures, ``log`` replay planning, ``layout`` open-time
 parsing) reads bytes and never writes; ``image.VhdxImage`` maps virtual offsets (``bat``,
 ``bitmap``), ``overlay`` replays a dirty log in memory for read-only opens, ``write`` holds the
-write path (its headers and log through ``journal``: ``wal.VhdxLog`` when present), ``parent``
+write path (its headers and log through ``journal`` onto ``wal.VhdxLog``), ``parent``
 finds and checks parents. ``open_layer`` below only reads until a
 writable open has chosen the header: a failed open leaves the file untouched.
 """

@@ -35,7 +35,7 @@ from ...errors import FormatError
 from . import spec as S
 from .bat import PAGE
 from .bitmap import set_bits
-from .journal import MetadataJournal, WalJournal, open_journal
+from .journal import Journal
 from .layout import VhdxLayout
 from .log import ReplayPlan
 
@@ -46,7 +46,7 @@ COMMIT_PAGES = 128
 class VhdxWriter:
     """Mixin for ``VhdxImage``: everything that changes the file."""
 
-    journal: MetadataJournal | WalJournal | None
+    journal: Journal | None
     _allocated: int | None
 
     def _init_writer(self: Any) -> None:
@@ -55,7 +55,7 @@ class VhdxWriter:
         self._pending_bytes = 0
         self._file_end = 0
 
-    def _begin_session(self: Any, journal: MetadataJournal | WalJournal) -> None:
+    def _begin_session(self: Any, journal: Journal) -> None:
         """After the journal started: find where new blocks go (past everything allocated)."""
         self.journal = journal
         end = self.file_size
@@ -303,7 +303,7 @@ class VhdxWriter:
     def close(self: Any) -> None:
         if self.closed:
             return
-        if self.journal is not None and self._open_for_writing():
+        if self.journal is not None and self._writable_file() is not None:
             try:
                 self.flush()
                 self.journal.close()
@@ -322,7 +322,7 @@ def open_writable(path: str, f: RawFile, layout: VhdxLayout, plan: ReplayPlan | 
     import os
 
     from .image import VhdxImage
-    journal = open_journal(f, layout)
+    journal = Journal(f, layout)
     file_size = journal.start(plan, size)
 
     def pread(length: int, offset: int) -> bytes:
