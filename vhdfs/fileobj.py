@@ -47,6 +47,7 @@ class VirtualDiskIO(io.RawIOBase):
         self.mode = "rb+" if image.writable else "rb"
         self._pos = 0
         self._failed: BaseException | None = None
+        self._closing = False
 
     # -- what this object is ----------------------------------------------------------------
 
@@ -104,9 +105,17 @@ class VirtualDiskIO(io.RawIOBase):
         """lseek(2)'s rule: ENXIO at or past the end; the end is an implicit hole."""
         if offset < 0 or offset >= self.image.size:
             raise OSError(errno.ENXIO, "no such device or address (offset at or past the end)", self.name)
-        for ext in self._guarded(self.image.extents, offset):
-            if (ext.kind == Kind.DATA) == data:
-                return max(ext.offset, offset)
+        self._check_usable()
+        found: int | None = None
+        try:
+            for ext in self.image.extents(offset):
+                if (ext.kind == Kind.DATA) == data:
+                    found = max(ext.offset, offset)
+                    break
+        except (VhdfsError, OSError) as exc:
+            self._fail(exc)
+        if found is not None:
+            return found
         if data:
             raise OSError(errno.ENXIO, "no data after this offset", self.name)
         return self.image.size
@@ -161,20 +170,22 @@ class VirtualDiskIO(io.RawIOBase):
         raise io.UnsupportedOperation("a virtual disk has a fixed size; it cannot be truncated")
 
     def flush(self) -> None:
-        """Make every write so far durable in the image (metadata commit + fdatasync)."""
-        if self.closed:
+        """Make every write so far durable in the image (metadata commit + fdatasync).
+
+        After a failure of a writable file this raises: writes may not have reached the image.
+        """
+        if self.closed or self._closing or not self.image.writable:
             return
-        self._check_usable()
-        if self.image.writable:
-            self._guarded(self.image.flush)
+        self._guarded(self.image.flush)
 
     def close(self) -> None:
         """Flush (when writable), then close the image and every parent it opened."""
         if self.closed:
             return
+        self._closing = True
         try:
-            if self._failed is None:
-                self.flush()
+            if self._failed is None and self.image.writable:
+                self._guarded(self.image.flush)
         finally:
             try:
                 self.image.close()
@@ -223,6 +234,15 @@ class DiskBufferedRandom(io.BufferedRandom):
     The plain one only hands its buffer to the raw object; here ``flush()`` means what
     ``fsync`` means on a mounted image, so ``f.flush()`` is the one call a user needs.
     """
+
+    def write(self, buffer: Any) -> int:
+        """Buffered, but a write past the end of the disk fails here, not at a later flush."""
+        length = memoryview(buffer).nbytes
+        if not self.closed and self.tell() + length > self.raw.size:
+            raise OSError(errno.ENOSPC,
+                          f"write of {length} bytes at offset {self.tell()} goes past the end of "
+                          f"the virtual disk ({self.raw.size} bytes)", self.name)
+        return super().write(buffer)
 
     def flush(self) -> None:
         super().flush()
