@@ -286,3 +286,30 @@ def test_io_errors_name_the_file(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(info, "image_info", failing)
     assert main(["info", str(image)]) == 1
     assert capsys.readouterr().err.strip() == f"vhdfs: {image}: Input/output error"
+
+
+@needs_losetup
+def test_xen_style_chain_of_devices_linked_by_relative_name(corpus_dir: Path, tmp_path: Path) -> None:
+    """XenServer LVHD: child and parent are both volumes in /dev/VG_XenStorage-<sr>/, the child's
+    locator names the parent relative to that folder. Here the folder holds symlinks to loop
+    devices (as /dev/VG/ holds links to /dev/dm-N), and it is renamed after the child was made,
+    so only the relative locator can lead to the parent."""
+    name = "qemu-dynamic-gpt-fat32-ext4.vhd"
+    base = _copy(corpus_dir, name, tmp_path)
+    vg = tmp_path / "VG_XenStorage-old"
+    vg.mkdir()
+    with loop_device(base, readonly=True) as parent_dev:
+        os.symlink(parent_dev, vg / "VHD-parent")
+        run([sys.executable, "-m", "vhdfs", "create", "--type", "differencing", "--parent",
+             str(vg / "VHD-parent"), str(vg / "VHD-child")])
+        child_file = tmp_path / "child-volume"
+        os.rename(vg / "VHD-child", child_file)
+        os.truncate(child_file, -(-child_file.stat().st_size // 4096) * 4096)   # a device's size
+        with loop_device(child_file) as child_dev:
+            os.symlink(child_dev, vg / "VHD-child")
+            moved = tmp_path / "VG_XenStorage-sr"
+            os.rename(vg, moved)
+            with open_image(moved / "VHD-child") as img:
+                assert [i.path for i in img.chain] == [str(moved / "VHD-child"), str(moved / "VHD-parent")]
+            with vhdfs.open(moved / "VHD-child") as f:
+                assert _sha(f.read()) == BY_NAME[name]["expected_raw"]["sha256"]

@@ -124,7 +124,7 @@ class VirtualDiskIO(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` from the current position with one ``Image.read``; 0 at the end."""
-        self._check_open()
+        self._check_usable()
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self.image.size - self._pos))
         if n == 0:
@@ -138,7 +138,7 @@ class VirtualDiskIO(io.RawIOBase):
 
     def readall(self) -> bytes:
         """The rest of the disk in one read (RawIOBase's default reads 8 KiB at a time)."""
-        self._check_open()
+        self._check_usable()
         n = max(0, self.image.size - self._pos)
         if n == 0:
             return b""
@@ -157,7 +157,7 @@ class VirtualDiskIO(io.RawIOBase):
         if not self.image.writable:
             raise io.UnsupportedOperation("not writable (opened with mode 'rb'; use 'r+b')")
         view = memoryview(buffer).cast("B")
-        if self._pos + len(view) > self.image.size:
+        if len(view) and self._pos + len(view) > self.image.size:
             raise OSError(errno.ENOSPC,
                           f"write of {len(view)} bytes at offset {self._pos} goes past the end of "
                           f"the virtual disk ({self.image.size} bytes)", self.name)
