@@ -9,31 +9,30 @@ are always opened read-only, so the kernel itself keeps them unchanged.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Iterable
 
 from ..errors import ChainError, NotAnImageError, UsageError, VhdfsError
 from .driver import Driver, ProbeData, driver, drivers, image_titles
 from .image import Image, OpenOptions, ParentRef
+from .rawfile import fd_size, open_image_fd, stat_image
 
 MAX_DEPTH = 256
 
 
 def probe_format(path: str) -> str:
     """Which driver reads ``path`` (the highest probe score wins); NotAnImageError when none does."""
+    fd, st = open_image_fd(path)   # refuses FIFOs, sockets, character devices, directories
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise VhdfsError("no such file", path) from None
-    except IsADirectoryError:
-        raise VhdfsError("is a directory, not an image file", path) from None
-    except OSError as exc:
-        raise VhdfsError(exc.strerror or str(exc), path) from None
-    try:
-        size = os.fstat(fd).st_size
+        size = fd_size(fd, st)
         if size == 0:
-            raise NotAnImageError(f"empty file: not a {image_titles()} image", path)
-        head = os.pread(fd, ProbeData.HEAD_BYTES, 0)
-        tail = os.pread(fd, ProbeData.TAIL_BYTES, max(0, size - ProbeData.TAIL_BYTES))
+            what = "empty block device" if stat.S_ISBLK(st.st_mode) else "empty file"
+            raise NotAnImageError(f"{what}: not a {image_titles()} image", path)
+        try:
+            head = os.pread(fd, ProbeData.HEAD_BYTES, 0)
+            tail = os.pread(fd, ProbeData.TAIL_BYTES, max(0, size - ProbeData.TAIL_BYTES))
+        except OSError as exc:
+            raise VhdfsError(f"cannot read: {exc.strerror or exc}", path) from None
         data = ProbeData(head, tail, size, fd)
         best: Driver | None = None
         best_score = 0
@@ -101,7 +100,11 @@ def open_image(
 
 
 def _file_key(path: str) -> tuple[int, int]:
+    """What makes two paths the same image: the inode, or for a block device the device itself
+    (``/dev/dm-3`` and ``/dev/VG/lv`` may be distinct nodes of one volume)."""
     st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return (-1, st.st_rdev)
     return (st.st_dev, st.st_ino)
 
 
@@ -138,8 +141,14 @@ def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
     mismatches: list[str] = []
     problems: list[str] = []
     for cand in _candidates(child, ref, options):
-        if not os.path.isfile(cand):
+        if not os.path.exists(cand):
             tried.append(cand)
+            continue
+        try:
+            stat_image(cand)   # a FIFO, socket, character device or folder is refused by name
+        except VhdfsError as exc:
+            if not ref.scan:
+                problems.append(str(exc))
             continue
         key = _file_key(cand)
         if key in seen:

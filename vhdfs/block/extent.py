@@ -64,14 +64,24 @@ def preadinto_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
     """Fill ``view`` from ``fd`` at ``offset``; bytes past the end of the file are an error."""
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = path   # never a bare "Input/output error"
+            raise
         if n == 0:
             raise FormatError(f"truncated: data expected at offset {offset + done} is past the end of the file", path)
         done += n
 
 
 def pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
-    data = os.pread(fd, length, offset)
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise
     if len(data) == length:
         return data
     buf = bytearray(length)

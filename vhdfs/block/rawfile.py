@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from typing import Iterator, Sequence
 
 from ..errors import BusyError, FormatError, UsageError, VhdfsError
@@ -19,11 +20,109 @@ _MAX_RUN = 8 * 1024 * 1024   # cap on one joined write of parts
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """``pwrite`` until every byte is written (a short write is not an error, just more to do)."""
+    """``pwrite`` until every byte is written (a short write is not an error, just more to do).
+
+    A write that makes no progress (past the end of a block device) is ENOSPC, never a loop.
+    """
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no space left: write past the end of the device")
+        done += n
+
+
+@contextlib.contextmanager
+def named_errors(path: str) -> Iterator[None]:
+    """Give an ``OSError`` from I/O on an fd the file's name (errno and class unchanged), so
+    a user never sees a bare "Input/output error"."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise
+
+
+# -- what may be an image -------------------------------------------------------------------
+#
+# An image is a regular file or a block device (an LVM volume, a USB disk, a loop device).
+# Anything else is refused by name before it is read: a FIFO or a socket would block forever,
+# a character device (/dev/zero) never ends. The one rule lives here and is used by
+# ``RawFile`` (every driver's open), ``chain.probe_format`` and the parent search.
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+
+
+def refuse_kind(st: os.stat_result, path: str | os.PathLike[str]) -> None:
+    """Raise unless ``st`` is a regular file or a block device, saying what it is instead."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise VhdfsError(f"is {what}, not an image file or a block device", path)
+
+
+def stat_image(path: str | os.PathLike[str]) -> os.stat_result:
+    """``os.stat`` of a would-be image, refusing other kinds by name (nothing is opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VhdfsError("no such file", path) from None
+    except OSError as exc:
+        raise VhdfsError(exc.strerror or str(exc), path) from None
+    refuse_kind(st, path)
+    return st
+
+
+def open_image_fd(path: str | os.PathLike[str], writable: bool = False) -> tuple[int, os.stat_result]:
+    """Open a regular file or block device for image I/O; anything else is refused by name.
+
+    ``stat`` first, so a FIFO or a character device is never even opened; then the open itself
+    is ``O_NONBLOCK | O_NOCTTY`` (a FIFO swapped in meanwhile cannot block it, a tty cannot
+    become ours) and ``fstat`` of the fd decides, so the check holds for what was opened.
+    A block device opened for writing also gets ``O_EXCL``: the kernel then refuses the open
+    while the device is mounted or held exclusively (and refuses mounts while we hold it).
+    """
+    st = stat_image(path)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    if writable and stat.S_ISBLK(st.st_mode):
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise VhdfsError("no such file", path) from None
+    except IsADirectoryError:
+        raise VhdfsError("is a directory, not an image file or a block device", path) from None
+    except PermissionError:
+        raise VhdfsError("permission denied" + (" (opening for writing)" if writable else ""), path) from None
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise BusyError("block device is in use (mounted, or held open exclusively by "
+                            "another program)", path) from None
+        raise VhdfsError(exc.strerror or str(exc), path) from None
+    try:
+        st = os.fstat(fd)
+        refuse_kind(st, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def fd_size(fd: int, st: os.stat_result | None = None) -> int:
+    """Bytes in the open file: ``st_size``, or for a block device its size (``st_size`` is 0).
+
+    ``lseek(SEEK_END)`` is the portable form of ``BLKGETSIZE64``; every read and write here is
+    positional, so moving the fd's offset is harmless.
+    """
+    st = st if st is not None else os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
 
 
 @contextlib.contextmanager
@@ -58,17 +157,11 @@ class RawFile:
     def __init__(self, path: str, writable: bool = False, lock: bool = True) -> None:
         self.path = os.path.abspath(path)
         self.writable = writable
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise VhdfsError("no such file", path) from None
-        except IsADirectoryError:
-            raise VhdfsError("is a directory, not an image file", path) from None
-        except PermissionError:
-            raise VhdfsError("permission denied" + (" (opening for writing)" if writable else ""), path) from None
-        except OSError as exc:
-            raise VhdfsError(exc.strerror or str(exc), path) from None
+        self.fd, st = open_image_fd(path, writable)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        # flock works on a block device's fd too (it locks the device node), so readers and
+        # writers through the same node exclude each other as on a file; O_EXCL (above) adds
+        # the kernel's own claim against mounts and other exclusive openers of the device.
         if lock:
             try:
                 fcntl.flock(self.fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -81,13 +174,18 @@ class RawFile:
                     raise VhdfsError(f"cannot lock: {exc.strerror}", path) from None
 
     def size(self) -> int:
+        """The file's size; a block device's size from the device (its ``st_size`` is 0)."""
+        if self.is_block_device:
+            return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
 
     def pread(self, length: int, offset: int) -> bytes:
         """Exactly ``length`` bytes or a FormatError naming what is missing."""
-        data = os.pread(self.fd, length, offset)
+        with named_errors(self.path):
+            data = os.pread(self.fd, length, offset)
         while len(data) < length:
-            more = os.pread(self.fd, length - len(data), offset + len(data))
+            with named_errors(self.path):
+                more = os.pread(self.fd, length - len(data), offset + len(data))
             if not more:
                 raise FormatError(
                     f"truncated: {length} bytes expected at offset {offset}, file ends at {self.size()}",
@@ -96,7 +194,8 @@ class RawFile:
         return data
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        write_all(self.fd, data, offset)
+        with named_errors(self.path):
+            write_all(self.fd, data, offset)
 
     def write_parts(self, parts: Sequence[bytes | bytearray | memoryview | int], offset: int) -> None:
         """Write buffers (or ``int`` counts of zero bytes) back to back at ``offset``.
@@ -121,7 +220,8 @@ class RawFile:
             self.pwrite(pending[0] if len(pending) == 1 else b"".join(pending), offset)
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        with named_errors(self.path):
+            os.fdatasync(self.fd)
 
     def truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)

@@ -83,9 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
+        # Every line names a file: the one the error carries, else the image the command read.
+        name = exc.filename or _image_argument(args)
+        where = f"{os.fsdecode(name)}: " if name else ""
         print(f"vhdfs: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _image_argument(args: argparse.Namespace) -> str | None:
+    """The image a command was given (``IMAGE``, ``CHILD``, ``SRC``, a single mount image)."""
+    for name in ("image", "child", "src"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            return value
+    paths = getattr(args, "paths", None)
+    return paths[0] if isinstance(paths, list) and len(paths) == 2 else None
 
 
 def add_image_options(parser: argparse.ArgumentParser) -> None:

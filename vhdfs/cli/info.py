@@ -3,11 +3,16 @@
 The JSON form is a contract for scripts and tests (``format``, ``type``, ``virtual_size``,
 ``chain`` as absolute paths top first, ``layers`` with each layer's details); the text form is
 the same facts for a person, one ``key: value`` per line.
+
+Timestamps: a driver's ``describe()`` gives every date as Unix seconds under a key ending in
+``timestamp`` (VHD: ``timestamp``, ``parent_timestamp``; VDI headers hold none). JSON keeps
+that number and adds ``<key>_iso`` beside it; the text form shows the ISO 8601 UTC date.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from typing import Any
 
@@ -38,6 +43,19 @@ def amount(n: int) -> str:
     return f"{n} bytes ({human_size(n)})" if n >= 1024 else f"{n} bytes"
 
 
+def iso_utc(unix_seconds: int) -> str:
+    """``2021-07-22T14:07:35Z``: ISO 8601 in UTC, as qemu-img and Windows tools show dates."""
+    try:
+        when = datetime.datetime.fromtimestamp(unix_seconds, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return str(unix_seconds)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_timestamp(key: str, value: Any) -> bool:
+    return key.endswith("timestamp") and isinstance(value, int) and not isinstance(value, bool)
+
+
 def layer_info(img: Any) -> dict[str, Any]:
     """One layer's facts: the generic ones every Image has, plus its driver's ``describe()``."""
     details = dict(img.describe())
@@ -52,6 +70,8 @@ def layer_info(img: Any) -> dict[str, Any]:
     }
     for key, value in details.items():
         out.setdefault(key, value)
+        if _is_timestamp(key, value):
+            out.setdefault(f"{key}_iso", iso_utc(value))
     return out
 
 
@@ -70,6 +90,8 @@ def image_info(img: Any) -> dict[str, Any]:
 def _fmt_value(key: str, value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value).lower() if isinstance(value, bool) else "-"
+    if _is_timestamp(key, value):
+        return iso_utc(value)
     if isinstance(value, int) and (key.endswith("_size") or key.endswith("_bytes")) and value >= 1024:
         return f"{value} ({human_size(value)})"
     if isinstance(value, (dict, list)):
@@ -87,7 +109,7 @@ def _text(info: dict[str, Any]) -> str:
             "chain", "layers"}
     keys = [k for k in _TEXT_ORDER if k in info] + sorted(k for k in info if k not in _TEXT_ORDER)
     for key in keys:
-        if key not in skip:
+        if key not in skip and not (key.endswith("timestamp_iso") and key[:-4] in info):
             lines.append(f"{key.replace('_', ' ')}: {_fmt_value(key, info[key])}")
     if len(info["layers"]) > 1:
         lines.append(f"chain ({len(info['layers'])} images, top first):")

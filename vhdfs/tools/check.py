@@ -29,7 +29,8 @@ class LayerFinding:
 def _map_problems(layer: Image) -> list[Finding]:
     """Walk the layer's whole map: every DATA extent must lie inside the file."""
     try:
-        file_size = os.path.getsize(layer.path)
+        # the open file's size: a block device's comes from the device (its st_size is 0)
+        file_size = layer.file.size() if layer.file is not None else os.path.getsize(layer.path)
         for ext in layer.map_layer(0, layer.size):
             if ext.kind == Kind.DATA and ext.file_offset + ext.length > file_size:
                 return [error(f"data for virtual offset {ext.offset} lies past the end of the file "
