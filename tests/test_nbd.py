@@ -453,3 +453,40 @@ def test_tls_psk_is_required_when_given(tmp_path: Path) -> None:
         tls = run(["nbdinfo", "--size", f"nbds+unix://alice@/?socket={s.sock}&tls-psk-file={psk}"])
         assert tls.stdout.strip() == str(8 * MiB)
         assert s.stop() == 0
+
+
+def test_systemd_unit_execstart_sends_ready_and_stops_clean(tmp_path: Path) -> None:
+    """The unit's ExecStart, expanded as systemd does, says READY=1 once nbdkit serves and exits
+    0 on SIGTERM."""
+    import select
+    import socket
+
+    from test_fstab_systemd import _expand
+
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "vhdfs-serve@.service"
+    lines = dict(ln.split("=", 1) for ln in unit.read_text().splitlines() if "=" in ln and not ln.startswith("#"))
+    assert lines["Type"] == "notify"
+    img = create(tmp_path / "u.vhd", "8M")
+    sock = tmp_path / "u.sock"
+    argv = _expand(lines["ExecStart"], {"IMAGES": str(img), "LISTEN": f"--unix {sock}", "OPTIONS": "-w"})
+    assert argv[0] == "vhdfs"
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify))
+        proc = subprocess.Popen([*VHDFS, *argv[1:]], env=dict(os.environ, NOTIFY_SOCKET=str(notify)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline and proc.poll() is None, "no READY=1"
+                if select.select([ns], [], [], 0.05)[0] and "READY=1" in ns.recv(4096).decode().split("\n"):
+                    break
+            res = run(["nbdinfo", "--can", "write", f"nbd+unix:///?socket={sock}"], check=False)
+            assert res.returncode == 0
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not sock.exists()
