@@ -490,3 +490,26 @@ def test_systemd_unit_execstart_sends_ready_and_stops_clean(tmp_path: Path) -> N
                 proc.kill()
                 proc.wait()
     assert not sock.exists()
+
+
+def test_kill9_loses_no_write_older_than_the_commit_interval(tmp_path: Path) -> None:
+    """The committer writes new blocks' BAT entries within ~1 s: after kill -9 of nbdkit, a
+    write (never flushed) from 3 s before is in the image."""
+    img = create(tmp_path / "k.vhd")
+    data = os.urandom(3 * MiB)
+    with served(tmp_path, "-w", img) as s:
+        h = s.connect()
+        h.pwrite(data, 20 * MiB)
+        time.sleep(3)
+        nbdkit_pid = next(_children(s.proc.pid))
+        os.kill(nbdkit_pid, signal.SIGKILL)
+        assert s.proc.wait(30) != 0      # the server says it did not stop cleanly
+    assert qemu_raw(img, tmp_path / "q.raw")[20 * MiB:23 * MiB] == data
+
+
+def _children(pid: int) -> Iterator[int]:
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    yield int(p.name)
