@@ -9,6 +9,7 @@ APT_PACKAGES=(
     fuse3 libfuse3-dev
     qemu-utils libvhdi-utils
     e2fsprogs dosfstools fdisk mtools util-linux xz-utils fio
+    nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
 )
 
 missing=()

@@ -2,35 +2,24 @@
 
 A partition export shares its disk's ``AsyncImage`` (lock, limiter, committer) and clips every
 request to its window, so nothing ever lands outside the partition. Names follow one rule for
-every front end: ``<stem>.raw`` for the disk, ``<stem>-p<N>.raw`` for partition N. Each
-export's owner and mode come from the image the user named (``aio/access.py``), decided
-here once for all of a disk's exports.
+every front end (``block.exports``): ``<stem>.raw`` for the disk, ``<stem>-p<N>.raw`` for
+partition N. Each export's owner and mode come from the image the user named
+(``aio/access.py``), decided here once for all of a disk's exports.
 """
 
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 from typing import Iterable
 
 import trio
 
-from ..block.image import Image
-from ..block.partitions import find_partitions
-from ..errors import ReadOnlyError, UsageError
+from ..block.exports import Exposed, plan_exports
+from ..errors import ReadOnlyError
 from .access import Access, exposed_access, private
 from .image import AsyncImage
 
-
-@dataclass
-class Exposed:
-    """An opened image and the stem its exports are named by (``disk`` for ``disk.vhd``)."""
-
-    stem: str
-    image: Image
-    writable: bool
-    temp_child: str | None = None   # a snapshot child removed when the front end stops
-    snapshot: bool = False          # ``image`` is a child made over the image the user named
+__all__ = ["Export", "Exposed", "build_exports"]
 
 
 class Export:
@@ -92,31 +81,18 @@ class Export:
 
 def build_exports(exposed: Iterable[Exposed], partitions: bool = True,
                   limiter: trio.CapacityLimiter | None = None) -> list[Export]:
-    """Every export, whole disks first and each disk's partitions after it.
-
-    Two images with one stem (``a/disk.vhd``, ``b/disk.vhd``), or a stem that collides with a
-    partition name, is a UsageError naming both: silently renaming would let a user write to
-    the wrong disk.
-    """
+    """Every file (``block.exports.plan_exports`` with the ``.raw`` suffix); the windows of one
+    image share one ``AsyncImage``."""
     limiter = limiter or trio.CapacityLimiter(8)
+    shared: dict[int, AsyncImage] = {}
     out: list[Export] = []
-    owners: dict[str, str] = {}
-
-    def add(e: Export, owner: str) -> None:
-        if e.name in owners:
-            raise UsageError(f"two files would be called {e.name} ({owners[e.name]} and {owner});"
-                             " mount them separately or rename one")
-        owners[e.name] = owner
-        out.append(e)
-
-    for ex in exposed:
-        shared = AsyncImage(ex.image, ex.writable, limiter, temp_child=ex.temp_child)
-        access = image_access(ex)
-        add(Export(f"{ex.stem}.raw", shared, access=access), ex.image.path)
-        if partitions:
-            for part in find_partitions(ex.image):
-                add(Export(f"{ex.stem}-p{part.number}.raw", shared, part.start, part.length, access=access),
-                    f"{ex.image.path} partition {part.number}")
+    access: dict[int, Access] = {}
+    for w in plan_exports(exposed, partitions, suffix=".raw"):
+        ex = w.exposed
+        if id(ex) not in shared:
+            shared[id(ex)] = AsyncImage(ex.image, ex.writable, limiter, temp_child=ex.temp_child)
+            access[id(ex)] = image_access(ex)
+        out.append(Export(w.name, shared[id(ex)], w.start, w.size, access=access[id(ex)]))
     return out
 
 

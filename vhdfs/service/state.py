@@ -63,9 +63,18 @@ def path_for(mountpoint: str, suffix: str) -> str:
     return os.path.join(state_dir(), key(mountpoint) + suffix)
 
 
+def path_for_name(name: str, suffix: str) -> str:
+    """A state file for something that is not a folder (``serve-unix:/run/x.sock``)."""
+    return os.path.join(state_dir(), quote(name, safe="") + suffix)
+
+
 def write(mountpoint: str, suffix: str, data: dict[str, Any]) -> None:
     """Write atomically (rename), so a reader never sees half a record."""
-    target = path_for(mountpoint, suffix)
+    write_path(path_for(mountpoint, suffix), data)
+
+
+def write_path(target: str, data: dict[str, Any]) -> None:
+    """Write a record at ``target`` atomically."""
     tmp = f"{target}.{os.getpid()}.tmp"
     with os.fdopen(open_private(tmp), "w") as f:
         json.dump(data, f)
