@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..block.image import Image
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("info", "create", "check", "mount", "umount", "convert", "commit")
+COMMANDS = ("info", "create", "check", "mount", "umount", "convert", "commit", "resize", "compact")
 
 
 def build_parser() -> argparse.ArgumentParser:
