@@ -31,6 +31,7 @@ from . import spec as fmt
 from .image import VdiImage
 
 _U32 = struct.Struct("<I")
+SECTOR_SIZE_OFFSET = 0x168
 DISK_SIZE_OFFSET = 0x170     # disk size (8), block size, extra, blocks, blocks allocated
 
 
@@ -175,6 +176,10 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
         size = f.size()
         h = fmt.parse_header(os.pread(f.fd, fmt.HEADER_READ_SIZE, 0), size)
         bmap = fmt.parse_map(f.pread(h.map_bytes, h.offset_bmap))
+        if h.sector_size != fmt.SECTOR:
+            change(f"sector size field {h.sector_size} → 512 (a VDI's data is addressed in 512-byte "
+                   "sectors; QEMU refuses any other value)",
+                   lambda: f.pwrite(_U32.pack(fmt.SECTOR), SECTOR_SIZE_OFFSET))
         bs, marker = h.block_size, fmt.BLOCK_ZERO if h.is_diff else fmt.BLOCK_FREE
         reads = "as zeros"
         for b in range(min(h.blocks_in_image, -(-h.disk_size // bs))):
