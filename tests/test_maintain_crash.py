@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from test_crash_replay import WriteLog
+try:                                   # the recorder is moving to tests/writelog.py
+    from writelog import WriteLog
+except ImportError:
+    from test_crash_replay import WriteLog
 
 from vhdfs.block import open_image
 from vhdfs.block.driver import Severity

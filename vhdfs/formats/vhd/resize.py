@@ -3,8 +3,10 @@
 Size rules (FORMATS.md §1.5, §5): the size is rounded up to whole sectors; a fixed image made by
 Azure (creator ``wa``) stays a whole number of MiB; an image read by CHS (creator ``vpc ``/``qemu``
 with non-maximum geometry) is rounded up until C·H·S·512 covers it and that becomes its size, as
-QEMU's create does; any other image gets the exact size as current_size and the spec geometry.
-The rule applied is reported.
+QEMU's create does; so is one whose writer made C·H·S·512 equal current_size (mkimg, Xen
+Orchestra), so CHS readers keep agreeing; maximum geometry (the "use current_size" marker) is
+kept; any other image gets the exact size as current_size and the spec geometry. The rule
+applied is reported.
 
 Crash order (every prefix reads as the old or the new size, same content):
 
@@ -46,7 +48,16 @@ def plan_size(footer: fmt.Footer, requested: int, fixed: bool, rule: str
         said.append("size rule: Azure (creator 'wa'), a fixed image is a whole number of MiB"
                     + (f": rounded up to {mib}" if mib != size else ""))
         size = mib
-    if rule == "chs":
+    geometry = (footer.cylinders, footer.heads, footer.sectors)
+    exact = rule != "chs" and footer.chs_size == footer.current_size and geometry != fmt.MAX_CHS
+    if geometry == fmt.MAX_CHS and rule != "chs":
+        said.append(f"size rule: current_size {size} exact, maximum geometry kept (it tells "
+                    "every reader to use current_size)")
+        return size, fmt.MAX_CHS, said
+    if rule == "chs" or exact:
+        if exact:
+            said.append("the writer made C·H·S·512 equal the size, so CHS readers (Virtual PC, "
+                        "QEMU before 10) agree; kept so")
         total = size // S
         geom = fmt.chs_geometry(total * S)
         if total > fmt.MAX_CHS[0] * fmt.MAX_CHS[1] * fmt.MAX_CHS[2]:
@@ -59,7 +70,8 @@ def plan_size(footer: fmt.Footer, requested: int, fixed: bool, rule: str
                 i += 1
                 geom = fmt.chs_geometry((total + i) * S)
             chs = geom[0] * geom[1] * geom[2] * S
-            said.append(f"size rule: CHS (creator '{fmt.fourcc(footer.creator_app)}'): geometry "
+            said.append(f"size rule: CHS (creator '{fmt.fourcc(footer.creator_app)}'"
+                        f"{', CHS-exact' if exact else ''}): geometry "
                         f"{geom[0]}/{geom[1]}/{geom[2]}, size C·H·S·512 = {chs}"
                         + (f" (rounded up from {size})" if chs != size else ""))
             size = chs
