@@ -267,3 +267,46 @@ def test_corpus_grow_and_compact(name: str, corpus_dir: Path, tmp_path: Path) ->
     _same(path, before + bytes(new - len(before)))
     if qemu_agrees:
         _qemu(path, before + bytes(new - len(before)), tmp_path, compare=kind != "fixed")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    import sys
+    return subprocess.run([sys.executable, "-m", "vhdfs", *args], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_cli_resize_compact_repair(tmp_path: Path) -> None:
+    path, shadow = _make("vhd-dynamic", tmp_path)
+    res = _cli("resize", str(path), "+2M")
+    assert res.returncode == 0 and "size rule: current_size" in res.stdout, res.stdout + res.stderr
+    res = _cli("resize", str(path), "1M")
+    assert res.returncode == 2 and f"offset {3 * MiB + 1000} holds data" in res.stderr, res.stderr
+    res = _cli("compact", str(path))     # stderr is no terminal: no progress bar
+    assert res.returncode == 0 and res.stderr == "" and "released" in res.stdout, res.stdout + res.stderr
+    with open(path, "r+b") as f:         # damage the head footer copy
+        f.seek(100)
+        f.write(b"\x01")
+    before = path.read_bytes()
+    res = _cli("check", "--repair", "--dry-run", str(path))
+    assert res.returncode == 0 and "would change: footer copy at offset 0" in res.stdout, res.stdout
+    assert path.read_bytes() == before
+    res = _cli("check", "--repair", str(path))
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and "changing: footer copy at offset 0" in lines[0], res.stdout
+    assert "no problems found" in lines[-1], res.stdout
+    shadow.extend(bytes(2 * MiB))
+    _same(path, shadow)
+
+
+def test_mounted_image_refused_by_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    from vhdfs.cli.maintain import refuse_if_mounted
+    from vhdfs.service import state
+    path, _shadow = _make("vdi-dynamic", tmp_path)
+    monkeypatch.setattr(state, "state_dir", lambda: str(tmp_path))
+    refuse_if_mounted(str(path))     # no record: fine
+    (tmp_path / "x.json").write_text(json.dumps({"pid": os.getpid(), "mountpoint": "/mnt/x",
+                                                 "images": [str(path)]}))
+    with pytest.raises(errors.BusyError) as exc:
+        refuse_if_mounted(str(path))
+    assert "/mnt/x" in str(exc.value)
