@@ -15,16 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import badimages as bi
-from conftest import corpus_ids
-
 from vhdfs.block import open_image
 from vhdfs.block.driver import Severity
 from vhdfs.formats.vdi.findings import classify as vdi_classify
 from vhdfs.formats.vhd.findings import classify as vhd_classify
 from vhdfs.tools.check import check_image
 from vhdfs.tools.maintain import repair_image
+
+import badimages as bi
+from conftest import corpus_ids
 
 REPO = Path(__file__).resolve().parent.parent
 QEMU = shutil.which("qemu-img")

@@ -15,15 +15,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-import badimages as bi
-from badimages import CASES, Case
-
 from vhdfs import errors
 from vhdfs.block import open_image
 from vhdfs.block.driver import Severity
 from vhdfs.tools.check import check_image
 from vhdfs.tools.maintain import repair_image
+
+import badimages as bi
+from badimages import CASES, Case
 
 # what the repair may leave: damage whose right answer is unknowable (which of two blocks?)
 UNREPAIRABLE = {"bat-two-entries-one-block", "bat-entry-on-metadata", "vdi-two-entries-one-block"}
@@ -78,7 +77,8 @@ def test_repair_named_bad_image(case: Case, tmp_path: Path, request) -> None:
     if readable and built.expected_sha256:
         assert _digest(built.path) == built.expected_sha256, "repair changed what the image reads"
     if built.path.suffix == ".vdi" and shutil.which("qemu-img"):
-        res = subprocess.run(["qemu-img", "check", "-f", "vdi", str(built.path)], capture_output=True, text=True)
+        res = subprocess.run(["qemu-img", "check", "-f", "vdi", str(built.path)],
+                             capture_output=True, text=True)
         assert res.returncode == 0, res.stdout + res.stderr
     assert repair_image(str(built.path), False, lambda s: None) == [], "a second repair found more"
 

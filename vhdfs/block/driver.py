@@ -130,7 +130,7 @@ class Driver:
     # resize(top layer open writable, requested size, ensure_zero(new size)) -> what it did;
     # the driver applies its own size rules and calls ensure_zero before cutting anything.
     resize: Callable[["Image", int, Callable[[int], None]], list[str]] | None = None
-    # compact(top layer open writable, chain, progress(done, total)) -> what it did
+    # compact(top layer open writable, its chain attached, progress(done, total)) -> what it did
     compact: Callable[["Image", Callable[[int, int], None]], list[str]] | None = None
     # repair(path, dry_run, say) -> changes; runs before the image is opened (a table pointing
     # past the end of the file makes a normal open refuse), never touches a parent

@@ -11,7 +11,8 @@ so that a kill between any two writes leaves an image that reads the same.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..block.chain import open_image, open_layer, probe_format
 from ..block.driver import Driver, driver, drivers
@@ -94,7 +95,7 @@ def resize_image(path: str, size_text: str, parse: Callable[[str], int], *, forc
                  open_kw: dict[str, Any] | None = None) -> tuple[int, int, list[str]]:
     """Resize the top layer; (old size, new size, what was done)."""
     path = os.path.abspath(path)
-    d, hook = _hook(path, "resize")
+    _d, hook = _hook(path, "resize")
     _refuse_children(path, force, "changing its size")
     img = _open_writable(path, **(open_kw or {}))
     try:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 from ...block.image import Image
 from ...block.maintain import releasable
@@ -51,7 +52,7 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
     said = [f"rounded up to {size} bytes (whole sectors)"] if size != requested else []
     old = img.size
     if size == old:
-        return said + ["size unchanged"]
+        return [*said, "size unchanged"]
     img.commit()
     need, have = -(-size // bs), h.blocks_in_image
     static = img.type == "fixed"
@@ -73,11 +74,11 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
                 f.sync()
             elif cut:
                 del img.bmap[need:]
-                said += [f"freed {len(cut)} block(s) past the new end"] + _pack(img, lambda d, t: None)
+                said += [f"freed {len(cut)} block(s) past the new end", *_pack(img, lambda d, t: None)]
         else:
             _fields(f, h)
             f.sync()
-        return said + [f"disk size {old} → {size}"]
+        return [*said, f"disk size {old} → {size}"]
     room = (h.offset_data - h.offset_bmap) // 4
     if need > room:
         raise UnsupportedError(
@@ -103,7 +104,8 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
     h.disk_size = size
     _fields(f, h)
     f.sync()
-    return said + [f"disk size {old} → {size}" + (f", block map {have} → {need} entries" if need > have else "")]
+    grown = f", block map {have} → {need} entries" if need > have else ""
+    return [*said, f"disk size {old} → {size}{grown}"]
 
 
 def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
@@ -128,8 +130,8 @@ def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
         f.sync()
     for b in freed:
         img.bmap[b] = fmt.BLOCK_FREE
-    return [f"released {len(freed)} block(s) that read the same without them"] + \
-        _pack(img, lambda d, t: progress(len(used) + d, len(used) + t))
+    moved = _pack(img, lambda d, t: progress(len(used) + d, len(used) + t))
+    return [f"released {len(freed)} block(s) that read the same without them", *moved]
 
 
 def _pack(img: VdiImage, progress: Callable[[int, int], None]) -> list[str]:
@@ -139,7 +141,7 @@ def _pack(img: VdiImage, progress: Callable[[int, int], None]) -> list[str]:
     count = len(owner)
     holes = [i for i in range(count) if i not in owner]
     movers = sorted((i for i in owner if i >= count), reverse=True)
-    for n, (hole, src) in enumerate(zip(holes, movers), 1):
+    for n, (hole, src) in enumerate(zip(holes, movers, strict=True), 1):
         data = f.pread(h.block_stride, h.offset_data + src * h.block_stride)
         f.pwrite(data, h.offset_data + hole * h.block_stride)
         f.sync()                              # the copy is durable before the entry moves
@@ -165,7 +167,7 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
     f = RawFile(path, writable=not dry_run)
     changes: list[str] = []
 
-    def change(text: str, do: Callable[[], None]) -> None:
+    def change(text: str, do: Callable[[], object]) -> None:
         say(text)
         changes.append(text)
         if not dry_run:
@@ -191,7 +193,7 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
                 lo, hi = b * bs, b * bs + needed
                 change(f"block map entry {b} points past the end of the file (block {e}): "
                        f"cleared; virtual bytes {lo}-{hi} now read {reads}",
-                       lambda b=b: f.pwrite(_U32.pack(marker), h.offset_bmap + 4 * b))
+                       partial(f.pwrite, _U32.pack(marker), h.offset_bmap + 4 * b))
                 bmap[b] = marker
         used = {e for e in bmap[:h.blocks_in_image] if e < fmt.BLOCK_ZERO}
         want = max(used) + 1 if used else 0

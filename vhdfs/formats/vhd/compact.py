@@ -15,7 +15,7 @@ A second run after a kill finishes the job: it only ever looks at what the file 
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from ...block.image import Image
 from ...block.maintain import releasable
@@ -31,7 +31,7 @@ def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
         raise UnsupportedError("a fixed VHD has no blocks to release (convert it to a dynamic "
                                "one with vhdfs convert)", img.path)
     img.commit()
-    f, B, bm = img.file, img.block_size, img.bitmap_bytes
+    f, B = img.file, img.block_size
     live = [i for i, e in enumerate(img.bat) if e != fmt.UNUSED_BAT]
     total = len(live) * 2
     done = 0

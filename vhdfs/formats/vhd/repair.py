@@ -20,7 +20,8 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 from ...block.rawfile import RawFile
 from . import spec as fmt
@@ -34,7 +35,7 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
     f = RawFile(path, writable=not dry_run)
     changes: list[str] = []
 
-    def change(text: str, do: Callable[[], None]) -> None:
+    def change(text: str, do: Callable[[], object]) -> None:
         say(text)
         changes.append(text)
         if not dry_run:
@@ -83,7 +84,7 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
 
 
 def _clear_past_eof(f: RawFile, footer: fmt.Footer, header: fmt.DynamicHeader,
-                    change: Callable[[str, Callable[[], None]], None]) -> None:
+                    change: Callable[[str, Callable[[], object]], None]) -> None:
     vsize, _rule = fmt.virtual_size(footer)
     n, B = header.max_table_entries, header.block_size
     if header.table_offset + 4 * n > f.size():
@@ -103,4 +104,4 @@ def _clear_past_eof(f: RawFile, footer: fmt.Footer, header: fmt.DynamicHeader,
             at = header.table_offset + 4 * i
             change(f"BAT entry {i} points past the end of the file (block at {entry * S}): "
                    f"cleared; virtual bytes {lo}-{hi} now read {reads}",
-                   lambda at=at: f.pwrite(struct.pack(">I", fmt.UNUSED_BAT), at))
+                   partial(f.pwrite, struct.pack(">I", fmt.UNUSED_BAT), at))

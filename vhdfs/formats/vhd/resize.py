@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from ...block.image import Image
 from ...errors import UnsupportedError, UsageError
@@ -105,7 +105,7 @@ def _resize_fixed(img: FixedVhd, requested: int, ensure_zero: Callable[[int], No
     if size > fmt.MAX_VIRTUAL_SIZE:
         raise UsageError(f"{size} bytes is more than a VHD holds (2040 GiB)", img.path)
     if size == old:
-        return said + ["size unchanged"]
+        return [*said, "size unchanged"]
     new = _new_footer(img.footer, size, geom).pack()
     if size > old:
         f.pwrite(img.footer.pack(), size)       # 1) EOF keeps a footer: the old one, moved
@@ -121,7 +121,7 @@ def _resize_fixed(img: FixedVhd, requested: int, ensure_zero: Callable[[int], No
         f.sync()
         f.truncate(size + fmt.FOOTER_SIZE)
     f.sync()
-    return said + [f"data area {old} → {size} bytes, footer at {size}"]
+    return [*said, f"data area {old} → {size} bytes, footer at {size}"]
 
 
 def _write_entries(img: SparseVhd, first: int, values: list[int]) -> None:
@@ -135,7 +135,7 @@ def _resize_sparse(img: SparseVhd, requested: int, ensure_zero: Callable[[int], 
         raise UsageError(f"{size} bytes is more than a VHD holds (2040 GiB)", img.path)
     old, f, B = img.size, img.file, img.block_size
     if size == old:
-        return said + ["size unchanged"]
+        return [*said, "size unchanged"]
     img.commit()
     need = -(-size // B)
     if size < old:
