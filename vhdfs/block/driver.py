@@ -126,6 +126,15 @@ class Driver:
     # Where a child's parent may be: paths in order. A driver that scans folders (VDI finds
     # its parent by UUID) sets ``ParentRef.scan`` so unreadable candidates are skipped quietly.
     parent_candidates: Callable[["Image", "ParentRef", tuple[str, ...]], list[str]] = default_parent_candidates
+    # Maintenance (``tools/maintain.py`` does the shared part: locks, children, zero checks).
+    # resize(top layer open writable, requested size, ensure_zero(new size)) -> what it did;
+    # the driver applies its own size rules and calls ensure_zero before cutting anything.
+    resize: Callable[["Image", int, Callable[[int], None]], list[str]] | None = None
+    # compact(top layer open writable, its chain attached, progress(done, total)) -> what it did
+    compact: Callable[["Image", Callable[[int, int], None]], list[str]] | None = None
+    # repair(path, dry_run, say) -> changes; runs before the image is opened (a table pointing
+    # past the end of the file makes a normal open refuse), never touches a parent
+    repair: Callable[[str, bool, Callable[[str], None]], list[str]] | None = None
 
     def suffix_matches(self, path: str | os.PathLike[str]) -> bool:
         return os.fspath(path).lower().endswith(self.suffixes)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..block.image import Image
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("info", "create", "check", "mount", "umount", "serve", "convert", "commit")
+COMMANDS = ("info", "create", "check", "mount", "umount", "serve", "convert", "commit", "resize", "compact")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

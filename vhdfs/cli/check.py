@@ -19,10 +19,24 @@ from typing import Any
 
 from ..block.driver import Severity
 from ..tools.check import check_image, count
+from ..errors import UsageError
 from . import add_image_options, open_from_args
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run and not args.repair:
+        raise UsageError("--dry-run goes with --repair")
+    if args.repair:
+        from ..tools.maintain import repair_image
+        from .maintain import refuse_if_mounted
+
+        refuse_if_mounted(args.image)
+        label = "would change" if args.dry_run else "changing"
+        changes = repair_image(args.image, args.dry_run, lambda text: print(f"{args.image}: {label}: {text}"))
+        if not changes:
+            print(f"{args.image}: nothing to repair")
+        if args.dry_run:
+            return 0
     with open_from_args(args, args.image) as img:
         chain = [layer.path for layer in img.chain]
         found = check_image(img)
@@ -58,5 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show notes (harmless habits of the writing tool)")
     parser.add_argument("image", metavar="IMAGE", help="an image of any format vhdfs reads")
+    parser.add_argument("--repair", action="store_true",
+                        help="fix what can be fixed safely in this image (never its parent), "
+                             "printing each change first, then check again")
+    parser.add_argument("--dry-run", action="store_true", help="with --repair: show the changes only")
     add_image_options(parser)
     parser.set_defaults(func=run)

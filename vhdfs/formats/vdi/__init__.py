@@ -13,6 +13,7 @@ from ...block.image import Image, ParentRef
 from . import spec as fmt
 from .create import create_from_spec
 from .image import VdiImage, open_layer
+from .maintain import compact, repair, resize
 
 SUFFIXES = (".vdi",)
 
@@ -37,6 +38,7 @@ DRIVER = Driver(
     name="vdi", title="VDI", suffixes=SUFFIXES, probe=probe, open_layer=open_layer, create=create_from_spec,
     limits=Limits(max_size=fmt.MAX_BLOCK_INDEX * fmt.MAX_BLOCK_SIZE,
                   block_sizes=(fmt.MIN_BLOCK_SIZE, fmt.MAX_BLOCK_SIZE), fixed_has_blocks=True),
-    type_names={"fixed": "static"}, parent_candidates=parent_candidates)
+    type_names={"fixed": "static"}, parent_candidates=parent_candidates,
+    resize=resize, compact=compact, repair=repair)
 
 __all__ = ["DRIVER", "VdiImage"]

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ...errors import ChainError, FormatError, ReadOnlyError, VhdfsError, warn
 from . import spec as fmt
-from ...block.driver import Finding, error
+from ...block.driver import Finding
 from ...block.image import Extent, Image, Kind, OpenOptions, ParentRef
 from ...block.pending import commit_every, write_entry_runs
 from ...block.rawfile import RawFile
@@ -394,4 +394,5 @@ class VdiImage(Image):
             problems.append(f"blocks_allocated is {h.blocks_allocated} but the file holds fewer blocks")
         if self.type == "fixed" and any(e != i for i, e in enumerate(self.bmap)):
             problems.append("static image whose block map is not the identity (map[i] != i)")
-        return [error(p) for p in problems]
+        from .findings import findings
+        return findings(self, problems)

@@ -15,10 +15,13 @@ from ...block.image import Image, OpenOptions
 from ...block.rawfile import RawFile
 from ...errors import FormatError, UnsupportedError, VhdfsError, warn
 from . import spec as fmt
+from .compact import compact
 from .create import create_from_spec
 from .fixed import FixedVhd
 from .footer import probe, read_footer
 from .layout import load_layout, parent_ref
+from .repair import repair
+from .resize import resize
 from .sparse import SparseVhd
 
 MAX_FINDINGS = 50
@@ -86,4 +89,4 @@ DRIVER = Driver(
     name="vhd", title="VHD", suffixes=(".vhd", ".avhd"), probe=probe, open_layer=open_layer,
     create=create_from_spec,
     limits=Limits(max_size=fmt.MAX_VIRTUAL_SIZE, block_sizes=(4096, 1 << 30)),
-    options=(SIZE_RULE,))
+    options=(SIZE_RULE,), resize=resize, compact=compact, repair=repair)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from ...block.driver import Finding, error
+from ...block.driver import Finding
 from ...block.image import Extent, Image, Kind
 from ...block.rawfile import RawFile
 from ...errors import UnsupportedError
 from . import spec as fmt
+from .findings import classify
 from .footer import describe_footer
 
 
@@ -76,4 +77,4 @@ class FixedVhd(Image):
         return out
 
     def check(self) -> list[Finding]:
-        return [error(f) for f in self.findings]
+        return [classify(f) for f in self.findings]

@@ -26,11 +26,12 @@ from typing import Any, Iterator
 
 from ...errors import FormatError, ReadOnlyError
 from . import spec as fmt
-from ...block.driver import Finding, error, note
+from ...block.driver import Finding, note
 from ...block.image import Extent, Image, Kind
 from ...block.pending import commit_every, write_entry_runs
 from ...block.rawfile import RawFile
 from .bitmap import all_set, count_set, runs, set_bits
+from .findings import classify
 from .layout import SparseLayout, count_unused
 
 _FULL = None                 # bitmap cache value for "every sector present"
@@ -431,7 +432,7 @@ class SparseVhd(Image):
         return out
 
     def check(self) -> list[Finding]:
-        out = [error(f) for f in self.findings]
+        out = [classify(f) for f in self.findings]
         last = (self.size - 1) // self.block_size if self.size else -1
         tail_sectors = (self.size - last * self.block_size) // fmt.SECTOR if last >= 0 else 0
         spb = self.block_size // fmt.SECTOR

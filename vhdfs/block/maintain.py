@@ -1,0 +1,45 @@
+"""Format-neutral questions the maintenance hooks (resize, compact) ask of an open layer.
+
+Drivers import these so the rule "the content a reader sees never changes" is written once:
+a block may be released only when the chain below reads the same without it, and a disk may
+be cut only where every byte reads as zero.
+"""
+
+from __future__ import annotations
+
+from .extent import Kind
+from .image import Image
+
+CHUNK = 4 * 1024 * 1024
+
+
+def below(img: Image, offset: int, length: int) -> bytes:
+    """What a reader would see at ``[offset, offset+length)`` without this layer's own data."""
+    if img.backing is not None:
+        return img.backing.read(offset, length)
+    return bytes(length)
+
+
+def releasable(img: Image, offset: int, length: int) -> bool:
+    """The layer's block over ``[offset, offset+length)`` changes nothing a reader sees."""
+    return img.read(offset, length) == below(img, offset, length)
+
+
+def first_nonzero(img: Image, start: int, end: int) -> int | None:
+    """The first offset in ``[start, end)`` that does not read as zero, or None.
+
+    ZERO extents (and BACKING runs with nothing below) are skipped without reading.
+    """
+    end = min(end, img.size)
+    for ext in img.extents(start, max(0, end - start)):
+        if ext.kind == Kind.ZERO:
+            continue
+        pos, stop = ext.offset, ext.offset + ext.length
+        while pos < stop:
+            n = min(CHUNK, stop - pos)
+            data = img.read(pos, n)
+            stripped = data.lstrip(b"\0")
+            if stripped:
+                return pos + n - len(stripped)
+            pos += n
+    return None
