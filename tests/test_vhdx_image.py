@@ -423,3 +423,27 @@ def test_64tib_sparse_opens_without_reading_its_bat(tmp_path):
         assert img.read(img.size - 4096, 4096) == b"\x44" * 4096
         assert img.allocated_bytes() == MiB
         assert [f for f in img.check() if f.severity.value == "error"] == []
+
+
+def test_repair_replays_a_dirty_log_on_disk(corpus, tmp_path):
+    """``check --repair``: --dry-run changes nothing; the repair replays the log onto the file,
+    which then reads the same (never the stale content), has a clean log, and qemu-img -- which
+    refuses a dirty log read-only -- checks it clean."""
+    entry = next(e for e in corpus_entries() if e.get("log_dirty"))
+    img = tmp_path / "dirty.vhdx"
+    img.write_bytes((corpus / entry["image"]).read_bytes())
+    before = sha_file(img)
+    dry = cli("check", "--repair", "--dry-run", img)
+    assert dry.returncode == 0 and "replay 1 entry" in dry.stdout, dry.stdout + dry.stderr
+    assert sha_file(img) == before
+    done = cli("check", "--repair", img)
+    assert done.returncode == 0 and "replay" in done.stdout, done.stdout + done.stderr
+    assert sha_file(img) != before
+    info = cli("info", "--json", img)
+    assert json.loads(info.stdout)["log"] == "clean", info.stdout
+    with open_image(img) as im:
+        assert sha_image(im) == entry["expected_raw"]["sha256"]
+    again = cli("check", "--repair", "--dry-run", img)
+    assert "replay" not in again.stdout
+    qemu = subprocess.run(["qemu-img", "check", "-f", "vhdx", str(img)], capture_output=True, text=True)
+    assert qemu.returncode == 0, qemu.stdout + qemu.stderr

@@ -14,21 +14,19 @@ import os
 import struct
 from collections.abc import Callable
 
-from ...block.driver import CERTAIN, NO, CreateSpec, Driver, Limits, ProbeData
+from ...block.driver import CERTAIN, NO, Driver, ProbeData
 from ...block.image import Image, OpenOptions
 from ...block.rawfile import RawFile
 from ...errors import FormatError, VhdfsError
 from . import spec
+from .create import LIMITS, create_from_spec
 from .image import VhdxImage
-from .layout import open_layout
+from .journal import Journal
+from .layout import VhdxLayout, open_layout
+from .log import ReplayPlan
 from .overlay import ReplayOverlay
 from .parent import parent_ref
 
-_create: Callable[[CreateSpec], None] | None
-try:  # create.py is written alongside (another engineer); the driver reads without it
-    from .create import create_from_spec as _create
-except ImportError:  # pragma: no cover - until create.py lands
-    _create = None
 
 SUFFIXES = (".vhdx", ".avhdx")
 
@@ -64,7 +62,6 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
 
     layout, plan, view = open_layout(pread, size)
     if options.writable:
-        from .write import open_writable
         image: VhdxImage = open_writable(path, f, layout, plan, size)
     else:
         overlay = None
@@ -86,11 +83,45 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
     return image
 
 
+def open_writable(path: str, f: RawFile, layout: VhdxLayout, plan: ReplayPlan | None,
+                  size: int) -> VhdxImage:
+    """Header update, on-disk replay and a fresh log (``wal.VhdxLog``'s order), then the image."""
+    journal = Journal(f, layout)
+    file_size = journal.start(plan, size)
+
+    def pread(length: int, offset: int) -> bytes:
+        return os.pread(f.fd, length, offset) if length > 0 else b""
+
+    state = "replayed on disk" if plan is not None else "clean"
+    image = VhdxImage(path, f, layout, pread, file_size, plan, None, state)
+    image._begin_session(journal)
+    return image
+
+
+def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
+    """``check --repair``: a dirty log is replayed on disk (what ``qemu-img check -r all`` does).
+
+    Everything else a VHDX can suffer is either read around (a damaged header or region table
+    has its second copy) or refused by name at open.
+    """
+    f = RawFile(path, False)
+    try:
+        _layout, plan, _view = open_layout(lambda n, off: os.pread(f.fd, n, off) if n > 0 else b"",
+                                           f.size())
+    finally:
+        f.close()
+    if plan is None:
+        return []
+    text = (f"log: replay {plan.entry_count} entr{'y' if plan.entry_count == 1 else 'ies'} "
+            f"(sequence {plan.first_sequence}..{plan.last_sequence}) onto the file, then clear it")
+    say(text)
+    if not dry_run:
+        open_layer(path, OpenOptions(writable=True)).close()   # a writable open replays on disk
+    return [text]
+
+
 DRIVER = Driver(
     name="vhdx", title="VHDX", suffixes=SUFFIXES, probe=probe, open_layer=open_layer,
-    create=_create,
-    limits=Limits(max_size=spec.MAX_VIRTUAL_SIZE,
-                  block_sizes=(spec.MIN_BLOCK_SIZE, spec.MAX_BLOCK_SIZE),
-                  fixed_has_blocks=True, sector_sizes=spec.SECTOR_SIZES))
+    create=create_from_spec, limits=LIMITS, repair=repair)
 
 __all__ = ["DRIVER", "VhdxImage"]

@@ -316,22 +316,4 @@ class VhdxWriter:
         super().close()  # type: ignore[misc]
 
 
-def open_writable(path: str, f: RawFile, layout: VhdxLayout, plan: ReplayPlan | None,
-                  size: int) -> Any:
-    """Header update, on-disk replay and a fresh log, then the image (journal.py's order)."""
-    import os
-
-    from .image import VhdxImage
-    journal = Journal(f, layout)
-    file_size = journal.start(plan, size)
-
-    def pread(length: int, offset: int) -> bytes:
-        return os.pread(f.fd, length, offset) if length > 0 else b""
-
-    state = "replayed on disk" if plan is not None else "clean"
-    image = VhdxImage(path, f, layout, pread, file_size, plan, None, state)
-    image._begin_session(journal)
-    return image
-
-
-__all__ = ["VhdxWriter", "open_writable"]
+__all__ = ["VhdxWriter"]
