@@ -1,1 +1,2 @@
-"""Async (trio) access to images, shared by every front end; no pyfuse3 here."""
+"""Async (trio) access to images, and who may use an export (``access``), shared by every front
+end; no pyfuse3 here."""

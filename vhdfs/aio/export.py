@@ -2,7 +2,9 @@
 
 A partition export shares its disk's ``AsyncImage`` (lock, limiter, committer) and clips every
 request to its window, so nothing ever lands outside the partition. Names follow one rule for
-every front end: ``<stem>.raw`` for the disk, ``<stem>-p<N>.raw`` for partition N.
+every front end: ``<stem>.raw`` for the disk, ``<stem>-p<N>.raw`` for partition N. Each
+export's owner and mode come from the image the user named (``aio/access.py``), decided
+here once for all of a disk's exports.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import trio
 from ..block.image import Image
 from ..block.partitions import find_partitions
 from ..errors import ReadOnlyError, UsageError
+from .access import Access, exposed_access, private
 from .image import AsyncImage
 
 
@@ -27,17 +30,24 @@ class Exposed:
     image: Image
     writable: bool
     temp_child: str | None = None   # a snapshot child removed when the front end stops
+    snapshot: bool = False          # ``image`` is a child made over the image the user named
 
 
 class Export:
-    """``[start, start+size)`` of a shared async image, served as one file or export."""
+    """``[start, start+size)`` of a shared async image, served as one file or export.
 
-    def __init__(self, name: str, shared: AsyncImage, start: int = 0, size: int | None = None) -> None:
+    ``access`` is its owner, group and mode (a chmod/chown replaces it for the export's life);
+    without one, only the daemon's user may use it.
+    """
+
+    def __init__(self, name: str, shared: AsyncImage, start: int = 0, size: int | None = None,
+                 access: Access | None = None) -> None:
         self.name = name
         self.shared = shared
         self.image = shared.image
         self.start = start
         self.size = shared.image.size - start if size is None else size
+        self.access = access if access is not None else private(shared.writable)
 
     @property
     def writable(self) -> bool:
@@ -101,9 +111,18 @@ def build_exports(exposed: Iterable[Exposed], partitions: bool = True,
 
     for ex in exposed:
         shared = AsyncImage(ex.image, ex.writable, limiter, temp_child=ex.temp_child)
-        add(Export(f"{ex.stem}.raw", shared), ex.image.path)
+        access = image_access(ex)
+        add(Export(f"{ex.stem}.raw", shared, access=access), ex.image.path)
         if partitions:
             for part in find_partitions(ex.image):
-                add(Export(f"{ex.stem}-p{part.number}.raw", shared, part.start, part.length),
+                add(Export(f"{ex.stem}-p{part.number}.raw", shared, part.start, part.length, access=access),
                     f"{ex.image.path} partition {part.number}")
     return out
+
+
+def image_access(ex: Exposed) -> Access:
+    """The access every export of ``ex`` starts with: that of the file the user named (the top
+    of the chain; for a snapshot the child's parent, never the child), read from the open fd."""
+    named = ex.image.backing if ex.snapshot and ex.image.backing is not None else ex.image
+    source = named.file.fd if named.file is not None else named.path
+    return exposed_access(source, ex.writable)

@@ -4,7 +4,9 @@ trio side, group commit on a timer, and the flush-error latch.
 Why this shape:
 
 * **Reads** map the range (no lock: the block layer keeps its in-memory maps consistent for
-  readers) and try ``preadv(..., RWF_NOWAIT)`` inline for every DATA extent. A page-cache hit
+  readers) inline when every layer can map it from memory (``Image.maps_without_io``; else the
+  whole read goes to a worker thread), and try ``preadv(..., RWF_NOWAIT)`` inline for every
+  DATA extent. A page-cache hit
   costs no thread hop; only a miss (``BlockingIOError``) or a short read goes to a worker
   thread.
 * **Writes** go to a worker thread. Those that change metadata (allocate a block, set bitmap
@@ -22,6 +24,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 
@@ -52,6 +55,12 @@ class AsyncImage:
     temp_child: str | None = None     # snapshot child to delete at unmount
     commit_failed: Exception | None = None   # a background commit's error, for the next flush
     commit_wanted: trio.Event = field(default_factory=trio.Event)   # wakes the committer early
+    # the layers whose map may need I/O (those overriding ``Image.maps_without_io``)
+    _map_checks: list[Callable[[int, int], bool]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._map_checks = [layer.maps_without_io for layer in self.image.chain
+                            if type(layer).maps_without_io is not Image.maps_without_io]
 
     async def allocated_bytes(self) -> int:
         """Allocated bytes of the whole chain (capped at size), recomputed at most once a second.
@@ -116,6 +125,10 @@ class AsyncImage:
 
     async def read(self, base: int, n: int) -> bytes | bytearray | memoryview:
         """``n`` bytes at virtual offset ``base`` (inside the disk): page-cache hits inline."""
+        for maps_without_io in self._map_checks:
+            if not maps_without_io(base, n):
+                # a bitmap or table page must be read first: map (and read) in a worker thread
+                return await trio.to_thread.run_sync(self.image.read, base, n, limiter=self.limiter)
         exts = list(self.image.extents(base, n))
         if len(exts) == 1 and exts[0].kind == Kind.ZERO:
             return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)

@@ -110,9 +110,10 @@ class Image(abc.ABC):
 
     def flush(self) -> None:
         """Make everything written so far durable in the image file, pending metadata included."""
-        if self._open_for_writing():
+        f = self._writable_file()
+        if f is not None:
             self.commit()
-            self.file.sync()
+            f.sync()
 
     def commit(self) -> None:
         """Write pending metadata now, after one sync for the data it points at (no final sync).
@@ -123,14 +124,15 @@ class Image(abc.ABC):
         little of what was written but not yet flushed. Called with ``meta_lock`` already held
         (an RLock), the lock simply stays held across the sync.
         """
-        if not self._open_for_writing():
+        f = self._writable_file()
+        if f is None:
             return
         with self.meta_lock:
             snapshot = self._pending_snapshot()
         if snapshot is None:
             return
         try:
-            self.file.sync()
+            f.sync()
         except BaseException as exc:
             with self.meta_lock:
                 self._write_snapshot(snapshot, sync_failed=exc)   # rolls back and re-raises
@@ -145,8 +147,10 @@ class Image(abc.ABC):
         """True when written data is not yet pointed at in the file (a commit is due)."""
         return self.pending is not None and len(self.pending) > 0
 
-    def _open_for_writing(self) -> bool:
-        return self.writable and self.file is not None and self.file.fd >= 0
+    def _writable_file(self) -> "RawFile | None":
+        """The layer's file while it is open for writing, else None."""
+        f = self.file
+        return f if self.writable and f is not None and f.fd >= 0 else None
 
     def _pending_snapshot(self) -> CommitSnapshot | None:
         """A copy of the pending metadata (caller holds ``meta_lock``); None when there is none."""
@@ -174,6 +178,15 @@ class Image(abc.ABC):
     def allocated_bytes(self) -> int:
         """Bytes of virtual disk this layer stores (for ``st_blocks`` and ``info``)."""
         return sum(e.length for e in self.map_layer(0, self.size) if e.kind == Kind.DATA) if self.size else 0
+
+    def maps_without_io(self, offset: int, length: int) -> bool:
+        """True when ``map_layer`` over this range needs no file read (all it needs is cached).
+
+        A trio front end maps inline on its event loop only then; otherwise it maps in a worker
+        thread, so a cache miss never stalls every other request. Drivers whose maps live
+        wholly in memory keep the default.
+        """
+        return True
 
     def write_is_in_place(self, offset: int, length: int) -> bool:
         """True when writing this range changes no metadata (no allocation, no bitmap bit)."""
@@ -219,7 +232,7 @@ class Image(abc.ABC):
                 continue
             parent = self.backing
             inside = 0 if parent is None else max(0, min(ext.end, parent.size) - ext.offset)
-            if inside:
+            if parent is not None and inside:
                 yield from parent._resolve(ext.offset, inside, layer + 1)
             if inside < ext.length:
                 yield Extent(ext.offset + inside, ext.length - inside, Kind.ZERO, layer=layer)

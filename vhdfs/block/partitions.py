@@ -49,9 +49,9 @@ def find_partitions(image: Image, sector: int | None = None) -> list[Partition]:
     entries = _mbr_entries(mbr)
     if any(kind == _GPT_PROTECTIVE for kind, _, _ in entries):
         for sec in dict.fromkeys((sector, 4096)):
-            parts = _gpt(image, sec)
-            if parts is not None:
-                return parts
+            gpt = _gpt(image, sec)
+            if gpt is not None:
+                return gpt
         return []
     parts: list[Partition] = []
     for slot, (kind, lba, count) in enumerate(entries, start=1):

@@ -14,7 +14,7 @@ from .info import amount
 def run(args: argparse.Namespace) -> int:
     with progress_bar(f"commit {os.path.basename(args.child)}", args.quiet) as progress:
         result = commit(args.child, parent_dirs=args.parent_dir, progress=progress, remove=args.remove,
-                        ignore_parent_id=args.ignore_parent_id, **driver_options(args))
+                        ignore_parent_id=args.ignore_parent_id, driver_options=driver_options(args))
     if not args.quiet:
         tail = "; child removed" if result.removed else ""
         print(f"committed {amount(result.bytes_copied)} from {result.child} into {result.parent}{tail}")

@@ -125,7 +125,7 @@ def _snapshot(args: argparse.Namespace, path: str) -> "Exposed":
         pass   # the whole chain opens: the child is never made over a broken one
     snap = create_snapshot(base, keep=args.keep, parent_dirs=args.parent_dir, force=args.force,
                            ignore_parent_id=args.ignore_parent_id, **driver_options(args))
-    return Exposed(stem(path), snap.image, True, temp_child=snap.temp_child)
+    return Exposed(stem(path), snap.image, True, temp_child=snap.temp_child, snapshot=True)
 
 
 def _serve(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:

@@ -11,6 +11,8 @@ from ..block.rawfile import RawFile
 
 
 class RawImage(Image):
+
+    file: RawFile   # always open (narrows Image.file)
     format = "raw"
     type = "fixed"
 

@@ -23,6 +23,7 @@ import pyfuse3
 from ..errors import VhdfsError
 from ..aio.export import Export
 from ..aio.image import AsyncImage
+from ..aio.access import changed
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,10 @@ class VhdfsOperations(pyfuse3.Operations):
             entry.st_blocks = 0
             return entry
         f = self._file(inode)
-        entry.st_mode = stat.S_IFREG | (0o644 if f.writable else 0o444)
+        access = f.access.for_writable(f.writable)     # the image's owner and bits (aio/access.py)
+        entry.st_mode = stat.S_IFREG | access.mode
+        entry.st_uid = access.uid
+        entry.st_gid = access.gid
         entry.st_nlink = 1
         entry.st_size = f.size
         entry.st_blocks = (await f.allocated_bytes() + 511) // 512
@@ -142,13 +146,27 @@ class VhdfsOperations(pyfuse3.Operations):
     @_guard
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        """Timestamps are accepted (``touch`` works) and ignored; size, mode and owner are fixed."""
-        if inode != ROOT:
-            f = self._file(inode)
-            if fields.update_size and attr.st_size != f.size:
-                raise pyfuse3.FUSEError(errno.EROFS if not f.writable else errno.EPERM)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
-            raise pyfuse3.FUSEError(errno.EPERM)
+        """Timestamps are accepted (``touch`` works) and ignored; the size is fixed. A file's mode
+        and owner change in memory as ``aio.access.changed`` allows (its owner or root; never
+        a write bit on a read-only file); the folder's are fixed."""
+        want_access = fields.update_mode or fields.update_uid or fields.update_gid
+        if inode == ROOT:
+            if want_access:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            return await self._attrs(inode)
+        f = self._file(inode)
+        if fields.update_size and attr.st_size != f.size:
+            raise pyfuse3.FUSEError(errno.EROFS if not f.writable else errno.EPERM)
+        if want_access:
+            try:
+                f.access = changed(f.access, ctx.uid, f.writable,
+                                   mode=attr.st_mode if fields.update_mode else None,
+                                   uid=attr.st_uid if fields.update_uid else None,
+                                   gid=attr.st_gid if fields.update_gid else None)
+            except OSError as exc:      # a refusal, not a fault: no warning in the log
+                raise pyfuse3.FUSEError(exc.errno) from None
+            log.info("%s: now mode %04o, owner %d:%d (by uid %d)", f.name, f.access.mode,
+                     f.access.uid, f.access.gid, ctx.uid)
         return await self._attrs(inode)
 
     @_guard

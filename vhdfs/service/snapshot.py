@@ -3,7 +3,7 @@
 Used by ``mount --snapshot`` (and the NBD export): the child gets the format of the image it
 covers (any driver that can create differencing images), lives in ``$TMPDIR`` (default
 ``/var/tmp``, on disk rather than in RAM) unless the user keeps it, and is opened writable with
-the image's folder searched for its parent.
+the image's folder searched for its parent. The child is ``0600``: it holds the writes.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def create_snapshot(base: Image, keep: str | None = None, **open_kwargs: object)
     create_image(child, format=base.format, type="differencing", parent=base.path)
     dirs = [os.path.dirname(base.path), *open_kwargs.pop("parent_dirs", ())]  # type: ignore[misc]
     try:
+        # It will hold what is written through the mount: private to its user, whatever the
+        # umask (the exports follow the base's access, aio/access.py). Before any data.
+        os.chmod(child, 0o600)
         img = open_image(child, True, parent_dirs=dirs, **open_kwargs)  # type: ignore[arg-type]
     except BaseException:
         if temp:

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from ..errors import VhdfsError
+from .state import open_private
 
 START_TIMEOUT = 60.0
 
@@ -31,7 +32,7 @@ def spawn_daemon(argv: list[str], log_path: str, what: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.bind(sock_path)
             env = dict(os.environ, NOTIFY_SOCKET=sock_path)
-            with open(log_path, "wb") as logf:
+            with os.fdopen(open_private(log_path), "wb") as logf:   # 0600: it names image paths
                 child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                          stdout=logf, stderr=logf, env=env, start_new_session=True,
                                          close_fds=True)

@@ -4,6 +4,10 @@ The daemon writes ``<key>.json`` (pid, images, log) once it serves and, when it 
 it with ``<key>.exit`` holding whether every image was flushed and closed cleanly. ``umount``
 waits for the pid to go and then reads that verdict: its exit 0 means "durable", not merely
 "unmounted". Kept free of pyfuse3/trio so the CLI can import it cheaply.
+
+The records and logs name image paths and mountpoints, so they are private to their user: the
+folder is ``0700`` (made so if an older vhdfs left it wider) and every file in it ``0600``. A
+folder of that name owned by someone else is refused, never used.
 """
 
 from __future__ import annotations
@@ -11,19 +15,43 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import tempfile
 from typing import Any
 from urllib.parse import quote
 
+from ..errors import VhdfsError
+
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
 
 def state_dir() -> str:
-    """``/run/vhdfs`` for root, the user's runtime dir (or the temp dir) otherwise."""
+    """``/run/vhdfs`` for root, the user's runtime dir (or the temp dir) otherwise; ``0700``."""
     if os.geteuid() == 0:
         base = "/run/vhdfs"
     else:
         base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"vhdfs-{os.getuid()}")
-    os.makedirs(base, mode=0o755, exist_ok=True)
+    os.makedirs(base, mode=DIR_MODE, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise VhdfsError("is not a folder of this user's; refusing to keep mount records there", base)
+    if stat.S_IMODE(st.st_mode) != DIR_MODE:
+        os.chmod(base, DIR_MODE)
     return base
+
+
+def open_private(path: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> int:
+    """Open (creating ``0600``) a file of the state folder, and make it ``0600`` if it was wider."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def key(mountpoint: str) -> str:
@@ -39,7 +67,7 @@ def write(mountpoint: str, suffix: str, data: dict[str, Any]) -> None:
     """Write atomically (rename), so a reader never sees half a record."""
     target = path_for(mountpoint, suffix)
     tmp = f"{target}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(open_private(tmp), "w") as f:
         json.dump(data, f)
     os.replace(tmp, target)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from ..errors import ChainError, UsageError
 from ..block.chain import make_options, open_image, open_layer
@@ -62,7 +62,7 @@ def commit(
     remove: bool = False,
     ignore_parent_id: bool = False,
     force: bool = False,
-    **driver_options: str,
+    driver_options: Mapping[str, str] | None = None,
 ) -> CommitResult:
     """Copy the child's own sectors into its parent, make the parent durable, then maybe delete the child.
 
@@ -72,7 +72,7 @@ def commit(
     child_path = os.path.abspath(os.fspath(child_path))
     dirs = tuple(os.path.abspath(os.fspath(d)) for d in parent_dirs)
     common: dict[str, Any] = dict(parent_dirs=dirs, ignore_parent_id=ignore_parent_id, force=force,
-                                  **driver_options)
+                                  **(driver_options or {}))
 
     # 1. Find the parent by opening the whole chain read-only (this checks UUIDs and sizes).
     with open_image(child_path, **common) as probe:

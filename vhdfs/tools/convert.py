@@ -142,7 +142,7 @@ def convert(
 
 
 def _copy(runs: list[tuple[int, int, int, int]], src: Image, granule: int, total: int,
-          progress: Optional[Progress], write: Callable[[int, memoryview], None]) -> int:
+          progress: Optional[Progress], write: Callable[[int, memoryview], object]) -> int:
     """Read every DATA chunk once and hand its non-zero granules to ``write``."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)

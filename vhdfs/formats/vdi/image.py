@@ -84,6 +84,8 @@ def _highest_used(bmap: array) -> int:
 class VdiImage(Image):
     """One VDI layer. ``type`` is "dynamic", "fixed" (VirtualBox: static) or "differencing"."""
 
+    file: RawFile   # always open (narrows Image.file)
+
     format = "vdi"
 
     def __init__(self, path: str, f: RawFile, header: fmt.VdiHeader, bmap: array, file_size: int) -> None:

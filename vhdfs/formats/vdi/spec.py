@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import sys
 import uuid
+from collections.abc import Sequence
 from array import array
 from dataclasses import dataclass, field
 
@@ -224,7 +225,7 @@ def parse_map(raw: bytes) -> array:
     return entries
 
 
-def pack_entries(entries: list[int] | array) -> bytes:
+def pack_entries(entries: Sequence[int]) -> bytes:
     """Map entries as little-endian bytes, for one pwrite of a contiguous run."""
     return struct.pack(f"<{len(entries)}I", *entries)
 

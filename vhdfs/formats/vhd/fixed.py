@@ -15,6 +15,8 @@ from .footer import describe_footer
 class FixedVhd(Image):
     """A fixed VHD: virtual offset = file offset, footer after the data."""
 
+    file: RawFile   # always open (narrows Image.file)
+
     format = "vhd"
     type = "fixed"
 

@@ -41,6 +41,8 @@ BITMAP_CACHE_BYTES = 64 * 1024 * 1024
 class SparseVhd(Image):
     """A dynamic (type 3) or differencing (type 4) VHD layer."""
 
+    file: RawFile   # always open (narrows Image.file)
+
     format = "vhd"
 
     def __init__(self, path: str, f: RawFile, footer: fmt.Footer, footer_offset: int,
@@ -114,6 +116,17 @@ class SparseVhd(Image):
         with self._cache_lock:
             old = self._bitmaps.pop(block, _FULL)
             self._cache_bytes -= len(old) if old is not None else 0
+
+    def maps_without_io(self, offset: int, length: int) -> bool:
+        """Every allocated block the range touches has its bitmap cached (or pending)."""
+        B, bat, cached = self.block_size, self.bat, self._bitmaps
+        i, last = offset // B, (offset + max(length, 1) - 1) // B
+        while i <= last:
+            if (i not in cached and bat[i] != fmt.UNUSED_BAT and i not in self._pending_bitmaps
+                    and not (self.batmap is not None and self.batmap.is_full(i))):
+                return False
+            i += 1
+        return True
 
     def map_layer(self, offset: int, length: int) -> Iterator[Extent]:
         B, fd, end, pos = self.block_size, self.file.fd, offset + length, offset

@@ -294,10 +294,10 @@ def plan_replay(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length: 
                 continue
             if best is None or seq[-1].header.sequence_number > best[-1].header.sequence_number:
                 best = seq
-            head = (seq[-1].log_offset + seq[-1].header.entry_length) % log_length
-            if head <= start:
+            end = (seq[-1].log_offset + seq[-1].header.entry_length) % log_length
+            if end <= start:
                 break                   # the sequence wrapped: everything has been seen
-            start = head
+            start = end
     except (struct.error, IndexError, ValueError) as exc:   # defensive: never leak these
         raise FormatError(f"log: unreadable ({exc})") from None
     if best is None:
