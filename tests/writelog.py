@@ -12,11 +12,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from vhdfs.block.rawfile import RawFile
 
 SECTOR = 512
@@ -35,7 +34,7 @@ class WriteLog:
         log = self
         real_pwrite, real_truncate, real_sync = RawFile.pwrite, RawFile.truncate, RawFile.sync
 
-        def pwrite(self: RawFile, data, offset: int) -> None:  # noqa: ANN001
+        def pwrite(self: RawFile, data, offset: int) -> None:
             if self.path == log.target:
                 log.pwrites += 1
                 if log.fail_at is not None and log.pwrites - 1 == log.fail_at:

@@ -28,9 +28,9 @@ import atheris
 from . import REPO
 
 with atheris.instrument_imports(include=["vhdfs"]):
-    import vhdfs.block.chain  # noqa: F401
-    import vhdfs.formats.vhd  # noqa: F401
-    import vhdfs.cli  # noqa: F401
+    import vhdfs.block.chain
+    import vhdfs.cli
+    import vhdfs.formats.vhd
     try:
         import vhdfs.formats.vdi.image  # noqa: F401
     except ImportError:

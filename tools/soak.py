@@ -34,8 +34,8 @@ FUZZ_CORPUS = ("dfvfs-qemu-ext2-dynamic.vhd", "dissect-qemu-pattern.vdi",
 
 
 def kill9_phase(rounds: int, seed: int, work: Path) -> tuple[int, int, list[str]]:
-    from conftest import has_root_fuse
     import test_kill9 as k9
+    from conftest import has_root_fuse
 
     if not has_root_fuse():
         print("kill9: skipped (needs root, /dev/fuse and fusermount3)", flush=True)
@@ -52,7 +52,7 @@ def kill9_phase(rounds: int, seed: int, work: Path) -> tuple[int, int, list[str]
                 h.round()
                 survived += 1
                 done += 1
-            except Exception as exc:  # noqa: BLE001 - count and go on with a fresh image
+            except Exception as exc:  # count and go on with a fresh image
                 failures.append(f"kill9 {kind} round {h.stats.rounds}: {type(exc).__name__}: {exc}")
                 print(failures[-1], file=sys.stderr, flush=True)
                 traceback.print_exc()

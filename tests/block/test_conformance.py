@@ -50,16 +50,16 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-
 from vhdfs.block import Image, open_image
 from vhdfs.block.driver import Finding, Severity, driver
 from vhdfs.block.rawfile import RawFile
 from vhdfs.tools.create import create_image
+
 from writelog import WriteLog, assert_each_sector_from, sectors
 
 KiB, MiB = 1024, 1024 * 1024
@@ -246,7 +246,10 @@ def test_random_io_matches_a_flat_shadow(f: Factory, tmp_path: Path) -> None:
     _unchanged(made.parents, before)
 
 
-@pytest.mark.parametrize("f", [f for f in FACTORIES if f.discard], ids=_ids([f for f in FACTORIES if f.discard]))
+DISCARDING = [f for f in FACTORIES if f.discard]
+
+
+@pytest.mark.parametrize("f", DISCARDING, ids=_ids(DISCARDING))
 def test_discard_reads_zeros(f: Factory, tmp_path: Path) -> None:
     made = f.make(tmp_path)
     before = {p: sha256_file(p) for p in made.parents}
@@ -324,13 +327,9 @@ def test_chain_of_four(f: Factory, tmp_path: Path) -> None:
 
 def _acked_candidates(windows: list[tuple[int, bytes, list[bytes]]], cut: int, final: bytes) -> list[bytes]:
     """What a cut may show: the acknowledged state of the window it falls in, or any after it."""
-    for sync_index, acked_state, states in windows:
-        if cut <= sync_index:
-            break
-    else:
-        acked_state, states = windows[-1][1], windows[-1][2]
     if cut >= windows[-1][0]:
         return [final]
+    _sync_index, acked_state, states = next(w for w in windows if cut <= w[0])
     return [acked_state, *states]
 
 
@@ -375,7 +374,7 @@ def test_every_prefix_of_the_write_log_is_a_consistent_image(
             assert found == [], f"cut {cut}/{len(log.ops)}: {found} (seed {SEED})"
             got = img.read(0, SIZE)
         assert_each_sector_from(got, candidates, f"cut {cut}/{len(log.ops)} (seed {SEED})")
-    for p, data in zip(made.parents, parent_bytes):
+    for p, data in zip(made.parents, parent_bytes, strict=True):
         assert p.read_bytes() == data, f"parent {p} changed"
 
 

@@ -10,9 +10,14 @@ import errno
 import struct
 
 import pytest
-
-from vhdfs.block.pending import (PendingBlobs, PendingCounter, PendingGroup, PendingTable, TableWrite,
-                                 commit_every)
+from vhdfs.block.pending import (
+    PendingBlobs,
+    PendingCounter,
+    PendingGroup,
+    PendingTable,
+    TableWrite,
+    commit_every,
+)
 
 
 class File:
@@ -79,7 +84,7 @@ def test_write_runs_hands_every_run_over_at_once_and_a_failure_rolls_back_all() 
     t = _table(f, rolled)
     seen: list[TableWrite] = []
 
-    def log_transaction(runs) -> None:  # noqa: ANN001 - what a journalled driver passes
+    def log_transaction(runs) -> None:
         seen.extend(runs)
         raise OSError(errno.EIO, "log full")
 

@@ -7,11 +7,31 @@ import uuid as uuidlib
 
 from .content import MiB, patch_bytes, pattern, truncate
 from .corpus import corpus_copy, corpus_sha256
-from .synthetic import (DYN_RAW, DYN_SIZE, FIXED_RAW, Built, Case, dyn_vhd, err, fixed_vhd, ok,
-                        patched, vhd_chain)
+from .synthetic import (
+    DYN_RAW,
+    DYN_SIZE,
+    FIXED_RAW,
+    Built,
+    Case,
+    dyn_vhd,
+    err,
+    fixed_vhd,
+    ok,
+    patched,
+    vhd_chain,
+)
 from .writers_vdi import build_vdi
-from .writers_vhd import (W2KU, W2RU, VhdInfo, build_sparse_vhd, patch_vhd_footer, patch_vhd_header,
-                          set_bat_entry, vhd_bat, w2_locators)
+from .writers_vhd import (
+    W2KU,
+    W2RU,
+    VhdInfo,
+    build_sparse_vhd,
+    patch_vhd_footer,
+    patch_vhd_header,
+    set_bat_entry,
+    vhd_bat,
+    w2_locators,
+)
 
 
 def _b_zero(d, c):
@@ -145,7 +165,7 @@ def _b_bat_partly_past_eof(d, c):
 
 def _b_bat_duplicate(d, c):
     i = dyn_vhd(d)
-    table, bat = vhd_bat(i.path)
+    _table, bat = vhd_bat(i.path)
     set_bat_entry(i.path, 2, bat[0])
     flat = bytearray(DYN_RAW)
     flat[4 * MiB:6 * MiB] = DYN_RAW[0:2 * MiB]   # what the BAT now says block 2 holds
@@ -225,7 +245,7 @@ def _b_corpus_uuid_mismatch(d, c):
 
 
 def _b_diff_other_size(d, c):
-    parent, child, _flat = vhd_chain(d, parent_size=4 * MiB)
+    _parent, child, _flat = vhd_chain(d, parent_size=4 * MiB)
     return err(child.path)
 
 
@@ -240,7 +260,7 @@ def retarget_locators(info: VhdInfo, name: str) -> None:
 
 def _b_diff_loop(d, c):
     # parent <- a <- b, then a's parent id, name and locators patched to name b: a -> b -> a.
-    parent, a, _flat = vhd_chain(d, child_name="a.vhd")
+    _parent, a, _flat = vhd_chain(d, child_name="a.vhd")
     b = build_sparse_vhd(d / "b.vhd", DYN_SIZE, {3: pattern(512, 5)}, disk_type=4,
                          parent_uid=a.uid, parent_name="a.vhd", locators=w2_locators("a.vhd"))
     retarget_locators(a, "b.vhd")
@@ -249,7 +269,7 @@ def _b_diff_loop(d, c):
 
 
 def _b_diff_self_loop(d, c):
-    parent, child, _flat = vhd_chain(d)
+    _parent, child, _flat = vhd_chain(d)
     retarget_locators(child, "child.vhd")
     patch_vhd_header(child.path, parent_id=child.uid,
                      parent_name="child.vhd".encode("utf-16-be"))
@@ -258,26 +278,26 @@ def _b_diff_self_loop(d, c):
 
 def _b_diff_locator_outside(d, c):
     # W2ru points past the end of the file; W2ku and the parent name still find the parent.
-    parent, child, flat = vhd_chain(d)
+    _parent, child, flat = vhd_chain(d)
     patch_vhd_header(child.path, loc0_offset=child.file_size + 1 * MiB)
     return ok(child.path, flat)
 
 
 def _b_diff_locator_4g(d, c):
-    parent, child, flat = vhd_chain(d)
+    _parent, child, flat = vhd_chain(d)
     patch_vhd_header(child.path, loc0_length=0xFFFFFFFF)
     return ok(child.path, flat)
 
 
 def _b_diff_locator_space_4g(d, c):
-    parent, child, flat = vhd_chain(d)
+    _parent, child, flat = vhd_chain(d)
     patch_vhd_header(child.path, loc0_space=0xFFFFFFFF)
     return ok(child.path, flat)
 
 
 def _b_diff_all_locators_bad(d, c):
     # Every locator outside the file and no parent name: nothing names the parent.
-    parent, child, _flat = vhd_chain(d, parent_name="")
+    _parent, child, _flat = vhd_chain(d, parent_name="")
     patch_vhd_header(child.path, loc0_offset=1 << 50, loc1_offset=1 << 50)
     return err(child.path)
 

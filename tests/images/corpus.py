@@ -7,8 +7,8 @@ import json
 import lzma
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 
 def unpack_corpus(corpus: Path, out: Path, wanted: Collection[str] | None = None,

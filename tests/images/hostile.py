@@ -15,8 +15,15 @@ from .content import MiB, get_field, sha256
 from .corpus import corpus_sha256, sha256_file
 from .synthetic import DYN_RAW, FIXED_RAW, VDI_RAW, dyn_vhd, fixed_vhd, synthetic_vdi, vhd_chain
 from .writers_vdi import VDI_FIELDS
-from .writers_vhd import (FOOTER_CSUM, FOOTER_FIELDS, HEADER_CSUM, HEADER_FIELDS, UNUSED, bitmap_bytes,
-                          fix_vhd_checksum)
+from .writers_vhd import (
+    FOOTER_CSUM,
+    FOOTER_FIELDS,
+    HEADER_CSUM,
+    HEADER_FIELDS,
+    UNUSED,
+    bitmap_bytes,
+    fix_vhd_checksum,
+)
 
 # -- fuzz mutators ---------------------------------------------------------------------------
 
@@ -235,8 +242,8 @@ def run_hostile(path: Path, expected_sha256: str | None, must_match: bool, *,
     import resource
     import signal
     import threading
-    import tracemalloc
     import traceback
+    import tracemalloc
 
     from vhdfs import errors
     from vhdfs.block import open_image
@@ -303,7 +310,7 @@ def run_hostile(path: Path, expected_sha256: str | None, must_match: bool, *,
             outcome = Outcome("FAIL", f"allocated {peak} bytes (limit {mem_limit})")
     except Hang:
         outcome = Outcome("FAIL", f"no answer within {time_limit} s (hang)")
-    except BaseException as exc:  # noqa: BLE001 - anything else is the bug we look for
+    except BaseException as exc:  # anything else is the bug we look for
         if isinstance(exc, KeyboardInterrupt):
             raise
         tb = traceback.extract_tb(exc.__traceback__)[-1]

@@ -6,9 +6,9 @@ are the small builder helpers the case modules share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .content import MiB, pattern, sha256
 from .writers_vdi import VdiInfo, build_vdi
@@ -96,7 +96,7 @@ def err(path: Path) -> Built:
     return Built(path)
 
 
-def patched(make, patch, **fields):  # noqa: ANN001, ANN202 - a builder factory
+def patched(make, patch, **fields):
     """A builder: a fresh image from ``make``, with ``patch`` applied to the given fields."""
     def build(d: Path, c: object) -> Built:
         info = make(d)

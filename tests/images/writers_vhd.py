@@ -13,7 +13,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .content import MiB, SECTOR, get_field, patch_bytes, set_fields
+from .content import SECTOR, MiB, get_field, patch_bytes, set_fields
 
 # -- VHD structures -------------------------------------------------------------------------
 

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 # Commit at the latest once this many bytes of new blocks are pending: bounds the space a crash
 # leaks (an unflushed write's block, written but never pointed at) and the entries held in memory.
@@ -289,7 +290,7 @@ class PendingGroup:
         for part, snap in snapshot.parts:
             try:
                 part.write_snapshot(snap, failure)
-            except BaseException as exc:  # noqa: BLE001 - kept, re-raised below
+            except BaseException as exc:  # kept: later parts roll back, then it is raised
                 if failure is None:
                     failure = exc
         if failure is not None:
