@@ -6,10 +6,11 @@ checks it against a flat shadow of what was written.
 
 **Adding a format is adding one line to ``FACTORIES``** (per kind worth telling apart: fixed,
 dynamic with a few block sizes, differencing): ``Factory(name, fmt, type, block_size=...,
-qemu=...)``. Images are made through the driver registry (``vhdfs.tools.create``), so a format
-vhdfs can create needs nothing else; one it cannot create passes ``make_file``. Whether it has
-pending metadata (``sparse``), children (``differencing`` among its driver's types) and discard
-follows from the fields.
+qemu=...)``; ``Factory`` and the workload live in ``tests/block/conformance.py``. Images are
+made through the driver registry (``vhdfs.tools.create``), so a format vhdfs can create needs
+nothing else; one it cannot create passes ``make_file``. Whether it has pending metadata
+(``sparse``), children (``differencing`` among its driver's types) and discard follows from
+the fields.
 
 What each test proves, for every factory:
 
@@ -45,92 +46,35 @@ Reproducible by default (fixed seeds, like the ``suite`` hypothesis profile in c
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from vhdfs.block import Image, open_image
-from vhdfs.block.driver import Finding, Severity, driver
+from conformance import (
+    SEED,
+    SIZE,
+    Factory,
+    KiB,
+    MiB,
+    assert_unchanged,
+    problems,
+    rnd_for,
+    sha256_file,
+    unit_of,
+    workload,
+)
+from vhdfs.block.driver import Severity
 from vhdfs.block.rawfile import RawFile
-from vhdfs.tools.create import create_image
 
 from writelog import WriteLog, assert_each_sector_from, sectors
-
-KiB, MiB = 1024, 1024 * 1024
-SIZE = 8 * MiB
-SEED = os.environ.get("VHDFS_CONFORMANCE_SEED") or (
-    str(random.randrange(1 << 32)) if os.environ.get("VHDFS_HYPOTHESIS_RANDOM") else "0")
 
 
 def _raw_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         f.truncate(size)
-
-
-@dataclass(frozen=True)
-class Made:
-    """A fresh image to write into, plus its parents (which must never change)."""
-
-    path: Path
-    parents: list[Path] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Factory:
-    name: str                      # the test id
-    fmt: str                       # driver name
-    type: str                      # "fixed" | "dynamic" | "differencing"
-    block_size: int | None = None  # None: the driver's default
-    parent_type: str = "dynamic"   # a differencing kind's parent
-    qemu: str | None = None        # qemu-img's name for it, when qemu reads this kind
-    discard: bool = True
-    make_file: Callable[[Path, int], None] | None = None   # formats vhdfs cannot create
-
-    @property
-    def suffix(self) -> str:
-        return driver(self.fmt).suffixes[0]
-
-    @property
-    def sparse(self) -> bool:
-        """Allocates blocks, so has metadata pending until a commit."""
-        return self.type != "fixed"
-
-    @property
-    def children(self) -> bool:
-        d = driver(self.fmt)
-        return d.create is not None and "differencing" in d.limits.types
-
-    def open(self, path: Path, writable: bool = False) -> Image:
-        return open_image(path, writable, parent_dirs=[str(path.parent)], format=self.fmt)
-
-    def create(self, path: Path, type: str, parent: Path | None = None, size: int = SIZE) -> None:
-        if self.make_file is not None:
-            self.make_file(path, size)
-        elif parent is not None:
-            create_image(path, format=self.fmt, parent=parent,
-                         block_size=self.block_size if self.fmt == "vhd" else None)
-        else:
-            create_image(path, format=self.fmt, type=type, size=size, block_size=self.block_size)
-
-    def make(self, folder: Path) -> Made:
-        if self.type != "differencing":
-            path = folder / f"disk{self.suffix}"
-            self.create(path, self.type)
-            return Made(path)
-        base = folder / f"base{self.suffix}"
-        self.create(base, self.parent_type)
-        with self.open(base, writable=True) as img:
-            img.write(0, _rnd(self, "parent").randbytes(SIZE))
-            img.discard(SIZE * 3 // 8, SIZE // 16)   # a hole in the parent, read through
-        path = folder / f"disk{self.suffix}"
-        self.create(path, "differencing", parent=base)
-        return Made(path, [base])
 
 
 FACTORIES = [
@@ -164,48 +108,6 @@ def _no_kernel_flush(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
 
 
-# -- helpers -------------------------------------------------------------------------------------
-
-def _rnd(f: Factory, what: str) -> random.Random:
-    return random.Random(f"{SEED}:{f.name}:{what}")
-
-
-def _unit(img: Image) -> int:
-    """The block size to aim writes at (fixed kinds: an arbitrary 64 KiB grid)."""
-    return min(img.allocation_unit or 64 * KiB, SIZE // 4)
-
-
-def workload(rnd: random.Random, unit: int, count: int, size: int = SIZE) -> Iterator[tuple[int, bytes]]:
-    """Writes that straddle blocks and sectors, sub-sector ones, large ones over many blocks."""
-    lengths = [1, 100, 511, 512, 513, 3 * 512 + 7, 4096, unit - 1, unit + 300, 70_000, MiB + 300]
-    for _ in range(count):
-        length = min(rnd.choice(lengths), size - 1)
-        aim = rnd.random()
-        if aim < 0.35:      # across a block boundary
-            edge = rnd.randrange(1, size // unit) * unit
-            off = edge - rnd.randrange(1, min(length, unit) + 1) if length > 1 else edge - 1
-        elif aim < 0.6:     # across a sector boundary, or inside one sector
-            off = rnd.randrange(1, size // 512) * 512 - rnd.randrange(1, 512)
-        else:
-            off = rnd.randrange(0, size - length)
-        off = max(0, min(off, size - length))
-        yield off, rnd.randbytes(length)
-
-
-def problems(img: Image, allow: tuple[Severity, ...] = (Severity.NOTE,)) -> list[Finding]:
-    """Findings of every layer of the chain beyond the allowed severities."""
-    return [p for layer in img.chain for p in layer.check() if p.severity not in allow]
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _unchanged(paths: list[Path], before: dict[Path, str]) -> None:
-    for p in paths:
-        assert sha256_file(p) == before[p], f"{p.name} changed (seed {SEED})"
-
-
 # -- the tests -----------------------------------------------------------------------------------
 
 @ALL
@@ -227,14 +129,14 @@ def test_random_io_matches_a_flat_shadow(f: Factory, tmp_path: Path) -> None:
     before = {p: sha256_file(p) for p in made.parents}
     with f.open(made.path) as img:
         shadow = bytearray(img.read(0, SIZE))
-    rnd = _rnd(f, "io")
+    rnd = rnd_for(f, "io")
     with f.open(made.path, writable=True) as img:
-        for i, (off, data) in enumerate(workload(rnd, _unit(img), 40)):
+        for i, (off, data) in enumerate(workload(rnd, unit_of(img), 40)):
             img.write(off, data)
             shadow[off:off + len(data)] = data
             if i % 3 == 0:
                 a = rnd.randrange(0, SIZE - 1)
-                n = rnd.choice([1, 511, 4097, _unit(img) + 1, 2 * MiB])
+                n = rnd.choice([1, 511, 4097, unit_of(img) + 1, 2 * MiB])
                 assert img.read(a, n) == bytes(shadow[a:a + n]), f"write {i}: read at {a}+{n} (seed {SEED})"
             if i % 13 == 12:
                 img.flush()
@@ -243,7 +145,7 @@ def test_random_io_matches_a_flat_shadow(f: Factory, tmp_path: Path) -> None:
     with f.open(made.path) as img:
         assert img.read(0, SIZE) == shadow, f"after reopen (seed {SEED})"
         assert problems(img) == []
-    _unchanged(made.parents, before)
+    assert_unchanged(made.parents, before)
 
 
 DISCARDING = [f for f in FACTORIES if f.discard]
@@ -253,9 +155,9 @@ DISCARDING = [f for f in FACTORIES if f.discard]
 def test_discard_reads_zeros(f: Factory, tmp_path: Path) -> None:
     made = f.make(tmp_path)
     before = {p: sha256_file(p) for p in made.parents}
-    rnd = _rnd(f, "discard")
+    rnd = rnd_for(f, "discard")
     with f.open(made.path, writable=True) as img:
-        B = _unit(img)
+        B = unit_of(img)
         if made.parents:   # own data over the first half; the second half shows the parent's
             img.write(0, rnd.randbytes(SIZE // 2))
         else:
@@ -280,7 +182,7 @@ def test_discard_reads_zeros(f: Factory, tmp_path: Path) -> None:
     with f.open(made.path) as img:
         assert img.read(0, SIZE) == shadow
         assert problems(img) == []
-    _unchanged(made.parents, before)
+    assert_unchanged(made.parents, before)
 
 
 CHAINED = [f for f in FACTORIES if f.children]
@@ -290,7 +192,7 @@ CHAINED = [f for f in FACTORIES if f.children]
 def test_chain_of_four(f: Factory, tmp_path: Path) -> None:
     made = f.make(tmp_path)
     layers = [made.path]
-    rnd = _rnd(f, "chain")
+    rnd = rnd_for(f, "chain")
     with f.open(made.path) as img:
         shadow = bytearray(img.read(0, SIZE))
     shadows: list[bytes] = []
@@ -302,7 +204,7 @@ def test_chain_of_four(f: Factory, tmp_path: Path) -> None:
             layers.append(child)
         with f.open(layers[-1], writable=True) as img:
             assert img.read(0, SIZE) == shadow, f"layer {depth} does not start as its parent"
-            for off, data in workload(rnd, _unit(img), 8):
+            for off, data in workload(rnd, unit_of(img), 8):
                 img.write(off, data)
                 shadow[off:off + len(data)] = data
             if f.discard and depth:   # zeros over the data of every layer below
@@ -313,7 +215,7 @@ def test_chain_of_four(f: Factory, tmp_path: Path) -> None:
         shadows.append(bytes(shadow))
         sums = {p: sha256_file(p) for p in [*made.parents, *layers]}
         if depth:
-            _unchanged([*made.parents, *layers[:-1]], frozen)
+            assert_unchanged([*made.parents, *layers[:-1]], frozen)
         frozen = sums
     with f.open(layers[-1]) as top:
         assert len(top.chain) == 4 + len(made.parents)
@@ -322,7 +224,7 @@ def test_chain_of_four(f: Factory, tmp_path: Path) -> None:
     for depth, path in enumerate(layers):
         with f.open(path) as img:
             assert img.read(0, SIZE) == shadows[depth], f"layer {depth} read on its own"
-    _unchanged([*made.parents, *layers], frozen)
+    assert_unchanged([*made.parents, *layers], frozen)
 
 
 def _acked_candidates(windows: list[tuple[int, bytes, list[bytes]]], cut: int, final: bytes) -> list[bytes]:
@@ -345,14 +247,14 @@ def test_every_prefix_of_the_write_log_is_a_consistent_image(
 
     log = WriteLog(made.path)
     log.install(monkeypatch)
-    rnd = _rnd(f, "crash")
+    rnd = rnd_for(f, "crash")
     shadow = bytearray(before)
     # Per sync window: the acknowledged state at its start and every state written inside it.
     windows: list[tuple[int, bytes, list[bytes]]] = []  # (log index of the sync, acked, states)
     acked = bytes(shadow)
     pending: list[bytes] = []
     with f.open(made.path, writable=True) as img:
-        for i, (off, data) in enumerate(workload(rnd, _unit(img), 24)):
+        for i, (off, data) in enumerate(workload(rnd, unit_of(img), 24)):
             img.write(off, data)
             shadow[off:off + len(data)] = data
             pending.append(bytes(shadow))
@@ -468,12 +370,12 @@ def test_a_write_during_the_commit_sync_stays_pending(
     made = f.make(tmp_path)
     with f.open(made.path) as img:
         shadow = bytearray(img.read(0, SIZE))
-    rnd = _rnd(f, "during-sync")
+    rnd = rnd_for(f, "during-sync")
     log = WriteLog(made.path)
     log.install(monkeypatch)
     real_sync = RawFile.sync
     with f.open(made.path, writable=True) as img:
-        B = _unit(img)
+        B = unit_of(img)
         setup = [(B + 6 * 512, rnd.randbytes(512))]        # block 1 allocated and committed
         first = [(B + 512, rnd.randbytes(512)),             # block 1: new bits pending
                  (3 * B, rnd.randbytes(700))]               # a new block: its entry pending
@@ -514,10 +416,10 @@ QEMU = [f for f in FACTORIES if f.qemu]
 @pytest.mark.parametrize("f", QEMU, ids=_ids(QEMU))
 def test_qemu_img_reads_what_vhdfs_wrote(f: Factory, tmp_path: Path) -> None:
     made = f.make(tmp_path)
-    rnd = _rnd(f, "qemu")
+    rnd = rnd_for(f, "qemu")
     with f.open(made.path, writable=True) as img:
         shadow = bytearray(img.read(0, SIZE))
-        for off, data in workload(rnd, _unit(img), 16):
+        for off, data in workload(rnd, unit_of(img), 16):
             img.write(off, data)
             shadow[off:off + len(data)] = data
         if f.discard:

@@ -194,6 +194,9 @@ class PendingBlobs(Pending[dict[int, bytes]]):
     def __len__(self) -> int:
         return len(self._new)
 
+    def __contains__(self, index: object) -> bool:
+        return index in self._new
+
     def get(self, index: int) -> bytes | None:
         return self._new.get(index)
 
