@@ -11,7 +11,7 @@ import pytest
 from hypothesis import settings
 
 # The suite gates every landing, so its property tests run the same examples each time: a red
-# run is then reproducible and never luck. VHDFS_HYPOTHESIS_RANDOM=1 (and bench/soak.sh, which
+# run is then reproducible and never luck. VHDFS_HYPOTHESIS_RANDOM=1 (and tools/soak.sh, which
 # runs the fuzzers far longer) explores fresh examples instead.
 settings.register_profile("suite", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
@@ -38,7 +38,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     entries = corpus_entries()
     if not entries:
         pytest.skip(f"corpus not found at {CORPUS}")
-    from badimages import unpack_corpus
+    from images.corpus import unpack_corpus
     out = unpack_corpus(CORPUS, tmp_path_factory.mktemp("corpus"), read_only=True)
     assert out is not None
     return out

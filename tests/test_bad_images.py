@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import badimages as bi
-from badimages import CASES, Case
+from images import content, corpus, synthetic as syn, writers_vhd as vhdw
+from images.cases import CASES, Case
 
 from vhdfs import errors
 from vhdfs.block import open_image
@@ -26,7 +26,7 @@ CHUNK = 1 << 20
 
 
 def _folder_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: bi.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: corpus.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _read_all(img) -> bytes:
@@ -40,7 +40,7 @@ def _read_all(img) -> bytes:
     return h.hexdigest()
 
 
-def _build(case: Case, tmp_path: Path, request) -> bi.Built:
+def _build(case: Case, tmp_path: Path, request) -> syn.Built:
     corpus = None
     if case.needs_corpus:
         corpus = request.getfixturevalue("corpus_dir")
@@ -143,21 +143,21 @@ def test_ignore_parent_id_accepts_mismatch(tmp_path: Path) -> None:
     """The escape hatch the UUID-mismatch message names really opens the chain."""
     d = tmp_path / "img"
     d.mkdir()
-    parent, child, flat = bi._chain(d)
-    bi.patch_vhd_footer(parent.path, unique_id=bytes(range(16)))
+    parent, child, flat = syn.vhd_chain(d)
+    vhdw.patch_vhd_footer(parent.path, unique_id=bytes(range(16)))
     with open_image(child.path, ignore_parent_id=True) as img:
-        assert _read_all(img) == bi.sha256(flat)
+        assert _read_all(img) == content.sha256(flat)
 
 
 def test_parent_dir_finds_moved_parent(tmp_path: Path) -> None:
     """The parent-missing message says --parent-dir; it must work."""
     d = tmp_path / "img"
     d.mkdir()
-    parent, child, flat = bi._chain(d)
+    parent, child, flat = syn.vhd_chain(d)
     other = tmp_path / "elsewhere"
     other.mkdir()
     parent.path.rename(other / parent.path.name)
     with pytest.raises(errors.ChainError):
         open_image(child.path)
     with open_image(child.path, parent_dirs=[other]) as img:
-        assert _read_all(img) == bi.sha256(flat)
+        assert _read_all(img) == content.sha256(flat)

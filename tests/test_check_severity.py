@@ -22,7 +22,7 @@ from vhdfs.formats.vhd.findings import classify as vhd_classify
 from vhdfs.tools.check import check_image
 from vhdfs.tools.maintain import repair_image
 
-import badimages as bi
+from images import content, writers_vhd as vhdw
 from conftest import corpus_ids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,10 +66,10 @@ def test_qemu_img_images_are_clean(fmt: str, opts: str, size: str, tmp_path: Pat
 
 
 def test_bitmap_bits_past_the_end_are_a_note(tmp_path: Path) -> None:
-    size = 3 * bi.MiB   # ends in the middle of the second 2 MiB block
+    size = 3 * content.MiB   # ends in the middle of the second 2 MiB block
     sectors = {s: bytes([s & 0xFF]) * 512 for s in range(size // 512 - 8, size // 512)}
-    sectors.update({s: bytes(512) for s in range(size // 512, 4 * bi.MiB // 512)})  # the habit
-    built = bi.build_sparse_vhd(tmp_path / "d2v.vhd", size, sectors)
+    sectors.update({s: bytes(512) for s in range(size // 512, 4 * content.MiB // 512)})  # the habit
+    built = vhdw.build_sparse_vhd(tmp_path / "d2v.vhd", size, sectors)
     with open_image(built.path) as img:
         found = check_image(img)
     assert [f.finding.severity for f in found] == [Severity.NOTE], found

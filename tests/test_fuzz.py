@@ -4,7 +4,7 @@ Real and synthetic images get their footers, dynamic headers, BATs, bitmaps, par
 and VDI headers/maps mutated (byte flips, field overwrites with boundary values, truncation,
 with or without re-summed checksums). Each case runs ``open_image``, ``describe``, ``check``, a
 full chunked read and the ``info``/``check`` commands in-process, under a time bound and a
-memory bound (``badimages.run_hostile``). Allowed outcomes: correct data or a one-line
+memory bound (``images.hostile.run_hostile``). Allowed outcomes: correct data or a one-line
 ``VhdfsError``; the file's bytes never change.
 
 Default: about 200 examples over all targets (< 60 s). ``VHDFS_FUZZ_EXAMPLES=N`` scales it.
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import badimages as bi
+from images import hostile
 
 TOTAL = int(os.environ.get("VHDFS_FUZZ_EXAMPLES", "200"))
 TARGET_NAMES = ["synthetic-dynamic", "synthetic-differencing", "synthetic-fixed", "synthetic-vdi",
@@ -27,23 +27,23 @@ TARGET_NAMES = ["synthetic-dynamic", "synthetic-differencing", "synthetic-fixed"
                 "corpus:mkimg-63x255-512-mbr-dynamic.vhd"]
 PER_TARGET = max(5, TOTAL // len(TARGET_NAMES))
 
-_targets: dict[str, bi.Target] = {}
+_targets: dict[str, hostile.Target] = {}
 
 
 @pytest.fixture(scope="module")
-def targets(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str, bi.Target]:
+def targets(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str, hostile.Target]:
     if not _targets:
         work = tmp_path_factory.mktemp("fuzz")
-        for t in bi.fuzz_targets(corpus_dir, work):
+        for t in hostile.fuzz_targets(corpus_dir, work):
             _targets[t.name] = t
         _targets["__work__"] = work  # type: ignore[assignment]
     return _targets
 
 
-values = st.one_of(st.sampled_from(bi.BOUNDARY_U32 + bi.BOUNDARY_U64),
+values = st.one_of(st.sampled_from(hostile.BOUNDARY_U32 + hostile.BOUNDARY_U64),
                    st.integers(0, 0xFFFFFFFF), st.integers(0, (1 << 64) - 1))
 mutations = st.builds(
-    bi.Mutation,
+    hostile.Mutation,
     region=st.integers(0, 63),
     kind=st.sampled_from(["flip", "field", "field", "field", "bytes", "truncate"]),
     where=st.integers(0, 1 << 16),
@@ -64,17 +64,17 @@ PHASES = tuple(Phase) if os.environ.get("VHDFS_FUZZ_SHRINK") else (
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(muts=st.lists(mutations, min_size=1, max_size=3))
-def test_fuzz_hostile_image(targets: dict, name: str, muts: list[bi.Mutation]) -> None:
+def test_fuzz_hostile_image(targets: dict, name: str, muts: list[hostile.Mutation]) -> None:
     if name not in targets:
         pytest.skip(f"{name} not available (corpus or driver missing)")
-    target: bi.Target = targets[name]
+    target: hostile.Target = targets[name]
     data, must_match = target.data, True
     for m in muts:
-        data, keep = bi.apply_mutation(target, m, data)
+        data, keep = hostile.apply_mutation(target, m, data)
         must_match = must_match and keep
     folder = targets["__work__"] / f"case-{name.replace(':', '_')}"
-    path = bi.write_case(target, data, folder)
-    outcome = bi.run_hostile(path, target.expected_sha256, must_match)
+    path = hostile.write_case(target, data, folder)
+    outcome = hostile.run_hostile(path, target.expected_sha256, must_match)
     what = "; ".join(m.describe(target) for m in muts)
     assert outcome.status != "FAIL", f"{what}: {outcome.detail}"
 
@@ -85,6 +85,6 @@ def test_unmutated_targets_read_correctly(targets: dict) -> None:
         if name not in targets:
             continue
         t = targets[name]
-        path = bi.write_case(t, t.data, targets["__work__"] / "base")
-        out = bi.run_hostile(path, t.expected_sha256, True)
+        path = hostile.write_case(t, t.data, targets["__work__"] / "base")
+        out = hostile.run_hostile(path, t.expected_sha256, True)
         assert out.status == "ok", f"{name}: {out}"

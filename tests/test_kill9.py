@@ -33,7 +33,7 @@ import pytest
 
 from conftest import needs_root
 
-import badimages as bi
+from images import content, corpus, writers_vhd as vhdw
 from mounting import force_unmount, mounted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,11 +187,11 @@ class Kill9Harness:
             create_vhd(self.image, SIZE, "dynamic", block_size=512 * 1024)
             base = bytes(SIZE)
         else:
-            raw = bi.pattern(SIZE, seed=self.generation, holes=((2 * 1024 * 1024, 2 * 1024 * 1024),))
+            raw = content.pattern(SIZE, seed=self.generation, holes=((2 * 1024 * 1024, 2 * 1024 * 1024),))
             self.parent = d / "base.vhd"
-            bi.build_sparse_vhd(self.parent, SIZE, bi.sectors_of(raw))
+            vhdw.build_sparse_vhd(self.parent, SIZE, vhdw.sectors_of(raw))
             self.parent.chmod(0o444)
-            self.parent_sha = bi.sha256_file(self.parent)
+            self.parent_sha = corpus.sha256_file(self.parent)
             self.image = d / "disk.vhd"
             create_vhd(self.image, None, "differencing", parent=self.parent)
             base = raw
@@ -244,7 +244,7 @@ class Kill9Harness:
                 if q != actual:
                     self.stats.qemu_disagreements += 1
         else:
-            assert bi.sha256_file(self.parent) == self.parent_sha, f"{who}: parent changed"
+            assert corpus.sha256_file(self.parent) == self.parent_sha, f"{who}: parent changed"
         # What survived becomes the starting point of the next round.
         self.shadow.durable[:] = actual
         self.stats.synced_writes += self.shadow.synced_writes
@@ -275,7 +275,7 @@ def test_concurrent_writers_allocate_once(tmp_path: Path) -> None:
     img = tmp_path / "c.vhd"
     B = 2 * 1024 * 1024
     vc.create_vhd(img, 8 * 1024 * 1024, "dynamic")
-    fill = bi.pattern(B, seed=5)
+    fill = content.pattern(B, seed=5)
     with open_image(img, writable=True) as w:
         w.write(3 * B, fill)          # block 3: allocated beforehand, read while writers run
     size_before = os.path.getsize(img)
@@ -285,7 +285,7 @@ def test_concurrent_writers_allocate_once(tmp_path: Path) -> None:
     for t in range(threads_n):
         for blk in (0, 2):
             off = blk * B + t * piece
-            expected[off:off + piece] = bi.pattern(piece, seed=100 * blk + t)
+            expected[off:off + piece] = content.pattern(piece, seed=100 * blk + t)
     errors: list[str] = []
     with mounted([img], tmp_path / "mnt", "-w", "--no-partitions") as m:
         path = m.file("c.raw")
@@ -299,7 +299,7 @@ def test_concurrent_writers_allocate_once(tmp_path: Path) -> None:
                     barrier.wait()
                     for blk in (0, 2):
                         off = blk * B + t * piece
-                        os.pwrite(fd, bi.pattern(piece, seed=100 * blk + t), off)
+                        os.pwrite(fd, content.pattern(piece, seed=100 * blk + t), off)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -336,7 +336,7 @@ def test_concurrent_writers_allocate_once(tmp_path: Path) -> None:
         m.unmount()
     with open_image(img) as im:
         assert im.describe()["allocated_blocks"] == 3, im.describe()
-        assert [p for p in im.check() if not p.startswith("leak")] == []
+        assert [p for p in im.check() if p.severity.name != "LEAK"] == []
         assert im.read(0, im.size) == bytes(expected)
     # Each new block is one bitmap sector + 2 MiB (+ alignment < 4 KiB): no block allocated twice.
     grown = os.path.getsize(img) - size_before

@@ -1,4 +1,4 @@
-"""``vhdfs check --repair`` on the named bad images (tests/badimages.py CASES).
+"""``vhdfs check --repair`` on the named bad images (tests/images/cases.py CASES).
 
 Every case that ``check`` reports, or that a normal open refuses for a table entry past the end
 of the file, is repaired and then checked: no error is left (only the damage no tool can undo,
@@ -21,8 +21,8 @@ from vhdfs.block.driver import Severity
 from vhdfs.tools.check import check_image
 from vhdfs.tools.maintain import repair_image
 
-import badimages as bi
-from badimages import CASES, Case
+from images import corpus as bic, synthetic as syn
+from images.cases import CASES, Case
 
 # what the repair may leave: damage whose right answer is unknowable (which of two blocks?)
 UNREPAIRABLE = {"bat-two-entries-one-block", "bat-entry-on-metadata", "vdi-two-entries-one-block"}
@@ -35,7 +35,7 @@ def _cases() -> list[Case]:
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {p.name: bi.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: bic.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _errors(path: Path) -> list[str]:
@@ -84,7 +84,7 @@ def test_repair_named_bad_image(case: Case, tmp_path: Path, request) -> None:
 
 
 def test_repair_refused_on_image_in_use(tmp_path: Path) -> None:
-    path = bi._dyn(tmp_path).path
+    path = syn.dyn_vhd(tmp_path).path
     with open_image(path):   # a read-only user (a mount holds the same shared lock)
         with pytest.raises(errors.BusyError):
             repair_image(str(path), False, lambda s: None)

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 from ..errors import FormatError, ReadOnlyError, UnsupportedError
 from .driver import Finding
 from .extent import Extent, Kind, merge_extents, pread_exact, preadinto_exact
+from .pending import CommitSnapshot, PendingGroup, commit_every
 from .rawfile import RawFile
 
 
@@ -71,6 +72,7 @@ class Image(abc.ABC):
     sector_size: int = 512         # logical sector: what partition tables count in
     allocation_unit: int = 0       # bytes a table entry maps (a block); 0: no blocks (fixed, raw)
     file: "RawFile | None" = None  # the layer's one image file, for the default flush/close
+    pending: "PendingGroup | None" = None   # metadata awaiting the next commit (block/pending.py)
 
     def __init__(self, path: str, size: int, writable: bool) -> None:
         self.path = os.path.abspath(path)
@@ -139,28 +141,31 @@ class Image(abc.ABC):
 
     def commit_due(self) -> bool:
         """True once enough metadata is pending that a commit should not wait any longer."""
-        return False
+        return self.pending is not None and len(self.pending) >= commit_every(self.allocation_unit or 1)
 
     def has_pending_metadata(self) -> bool:
         """True when written data is not yet pointed at in the file (a commit is due)."""
-        return False
+        return self.pending is not None and len(self.pending) > 0
 
     def _writable_file(self) -> "RawFile | None":
         """The layer's file while it is open for writing, else None."""
         f = self.file
         return f if self.writable and f is not None and f.fd >= 0 else None
 
-    def _pending_snapshot(self) -> object | None:
+    def _pending_snapshot(self) -> CommitSnapshot | None:
         """A copy of the pending metadata (caller holds ``meta_lock``); None when there is none."""
-        return None
+        return None if self.pending is None else self.pending.snapshot()
 
-    def _write_snapshot(self, snapshot: object, sync_failed: BaseException | None = None) -> None:
+    def _write_snapshot(self, snapshot: CommitSnapshot, sync_failed: BaseException | None = None) -> None:
         """Write the entries of ``snapshot`` that are still pending unchanged (``meta_lock`` held).
 
         On failure, what did not reach the file is rolled back in memory, then the error
         propagates: the open image never claims what the file does not hold. ``sync_failed``
-        (the commit's sync failed) writes nothing and rolls back everything due.
+        (the commit's sync failed) writes nothing and rolls back everything due. A driver with
+        pending metadata sets ``self.pending``; one that writes through a log may override this.
         """
+        assert self.pending is not None
+        self.pending.write_snapshot(snapshot, sync_failed)
 
     def describe(self) -> dict[str, Any]:
         """Format details for ``vhdfs info`` (this layer only)."""

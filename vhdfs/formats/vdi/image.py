@@ -20,10 +20,9 @@ from ...errors import ChainError, FormatError, ReadOnlyError, VhdfsError, warn
 from . import spec as fmt
 from ...block.driver import Finding
 from ...block.image import Extent, Image, Kind, OpenOptions, ParentRef
-from ...block.pending import commit_every, write_entry_runs
+from ...block.pending import PendingCounter, PendingGroup, PendingTable
 from ...block.rawfile import RawFile
 
-_U32 = struct.Struct("<I")
 _ZERO_CHUNK = 1 << 20   # zero-fill granularity for discards of allocated data
 
 
@@ -102,12 +101,14 @@ class VdiImage(Image):
         self._modify_renewed = False
         self._zero_block: bytes | None = None
         self._next_index = self._first_free_index(file_size)
-        # Group commit (group_commit.py): new blocks' map entries and the header's
-        # blocks_allocated reach the file at the next commit, after a sync made the data durable.
-        self._pending: dict[int, int] = {}      # block -> new map entry
-        self._pending_old: dict[int, int] = {}  # block -> its entry in the file (for a roll-back)
-        self._file_blocks_allocated = header.blocks_allocated
-        self._commit_every = commit_every(self.block_size)
+        # Group commit (block/pending.py): the header's blocks_allocated, then new blocks' map
+        # entries, reach the file at the next commit, after a sync made the data durable. A
+        # failed entry write rolls that block back to its entry in the file; blocks_allocated
+        # may then stay above the blocks in use, which only leaks space (never reused).
+        self._pending = PendingTable("<I", header.offset_bmap, f, self._roll_back_entry)
+        allocated = PendingCounter("<I", fmt.BLOCKS_ALLOCATED_OFFSET, f,
+                                   lambda: self.header.blocks_allocated, header.blocks_allocated)
+        self.pending = PendingGroup(allocated, self._pending)
         if self.diff:
             link = str(header.uuid_link)
             self.parent_ref = ParentRef(name=link, expected_id=link, format="vdi", scan=True)
@@ -237,47 +238,13 @@ class VdiImage(Image):
                 raise FormatError("the image has no free block indices left", self.path)
             self.file.pwrite(buf, h.offset_data + index * h.block_stride)
             # Publish now; the entry reaches the file at the next commit, after the data.
-            self._pending_old.setdefault(block, entry)
-            self._pending[block] = index
+            self._pending.set(block, index, file_entry=entry)
             self.bmap[block] = index
             h.blocks_allocated = max(h.blocks_allocated, index + 1)
             self._next_index = index + 1
 
-    def has_pending_metadata(self) -> bool:
-        return bool(self._pending)
-
-    def commit_due(self) -> bool:
-        return len(self._pending) >= self._commit_every
-
-    def _pending_snapshot(self) -> object | None:
-        if not self._pending:
-            return None
-        return dict(self._pending), self.header.blocks_allocated
-
-    def _write_snapshot(self, snapshot: object, sync_failed: BaseException | None = None) -> None:
-        """blocks_allocated, then the map entries still pending unchanged.
-
-        A failed entry write rolls that block back to its entry in the file; blocks_allocated
-        may then stay above the blocks in use, which only leaks space (never reused).
-        """
-        entries, allocated = snapshot  # type: ignore[misc]
-        due = {b: e for b, e in entries.items() if self._pending.get(b) == e}
-        unwritten = dict(due)
-        try:
-            if sync_failed is not None:
-                raise sync_failed
-            if allocated > self._file_blocks_allocated:
-                self.file.pwrite(_U32.pack(allocated), fmt.BLOCKS_ALLOCATED_OFFSET)
-                self._file_blocks_allocated = allocated
-            write_entry_runs(self.file, self.header.offset_bmap, "<", unwritten)
-        except BaseException:
-            for block in unwritten:
-                self.bmap[block] = self._pending_old[block]
-            raise
-        finally:
-            for block in due:
-                del self._pending[block]
-                del self._pending_old[block]
+    def _roll_back_entry(self, block: int, file_entry: int) -> None:
+        self.bmap[block] = file_entry
 
     def _set_entries(self, first: int, values: list[int]) -> None:
         """Durably write map entries ``first..`` (one pwrite), then publish them in memory."""

@@ -11,11 +11,12 @@ Group commit: the metadata that makes new data visible (a new block's BAT entry,
 differencing block's bitmap) must never reach the disk before that data. Rather than an
 fdatasync per block (which bounded sequential writes at ~0.66x a raw file), such entries wait in
 memory and go out together at the next commit (``flush``, a discard, a daemon's committer, or
-every ``group_commit.COMMIT_BYTES`` of pending blocks): one fdatasync for all the data, then the
-entries (``Image.commit``). Until then they are unpromised writes: a crash loses them (the blocks
-become leaked space, the old data shows), exactly as it may lose any write not yet flushed. A
-commit that fails rolls the in-memory view back to what the file says, so the open image never
-claims what the disk does not hold.
+every ``block.pending.COMMIT_BYTES`` of pending blocks): one fdatasync for all the data, then the
+BAT entries, then the bitmaps (``Image.commit`` over ``self.pending``, see ``block/pending.py``).
+Until then they are unpromised writes: a crash loses them (the blocks become leaked space, the
+old data shows), exactly as it may lose any write not yet flushed. A commit that fails rolls the
+in-memory view back to what the file says, so the open image never claims what the disk does
+not hold.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ...errors import FormatError, ReadOnlyError
 from . import spec as fmt
 from ...block.driver import Finding, note
 from ...block.image import Extent, Image, Kind
-from ...block.pending import commit_every, write_entry_runs
+from ...block.pending import PendingBlobs, PendingGroup, PendingTable
 from ...block.rawfile import RawFile
 from .bitmap import all_set, count_set, runs, set_bits
 from .findings import classify
@@ -71,9 +72,11 @@ class SparseVhd(Image):
         self._cache_lock = threading.Lock()
         self._repair_footer = repair_footer and f.writable   # forced open of a damaged footer
         # Group commit (see the module docstring): written at the next commit, after a sync.
-        self._pending_bat: dict[int, int] = {}          # block -> BAT entry
-        self._pending_bitmaps: dict[int, bytes] = {}    # block -> whole differencing bitmap
-        self._commit_every = commit_every(self.block_size)
+        # New blocks' BAT entries first, then whole differencing bitmaps of blocks the file
+        # already points at (a bitmap replaced since a snapshot stays pending).
+        self._pending_bat = PendingTable(">I", layout.header.table_offset, f, self._unallocate)
+        self._pending_bitmaps = PendingBlobs(f, lambda i: self.bat[i] * fmt.SECTOR, self._forget)
+        self.pending = PendingGroup(self._pending_bat, self._pending_bitmaps)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -228,7 +231,7 @@ class SparseVhd(Image):
             # Data now, bits at the next commit (after the sync that makes the data durable):
             # a crash in between leaves the bits clear and the parent's old data showing.
             self.file.write_parts(parts, self._data_offset(i, a))
-            self._pending_bitmaps[i] = bytes(bm)
+            self._pending_bitmaps.set(i, bytes(bm))
         else:
             # Bits, then data: under a clear bit a dynamic disk holds zeros (the spec requires
             # it, and QEMU reads the data area whatever the bitmap says). Setting the bit first
@@ -319,55 +322,18 @@ class SparseVhd(Image):
         # 3) publish; the BAT entry goes out at the next commit, once the block is durable
         self._remember(i, None if all_set(bitmap, 0, self.block_size // fmt.SECTOR) else bytes(bitmap))
         self.bat[i] = pos // fmt.SECTOR
-        self._pending_bat[i] = pos // fmt.SECTOR
+        self._pending_bat.set(i, pos // fmt.SECTOR, file_entry=fmt.UNUSED_BAT)
         self.footer_offset = new_footer
         self.file_size = max(old_end, new_footer + fmt.FOOTER_SIZE)
         self.floor = new_footer
 
     # -- group commit -------------------------------------------------------------------------
 
-    def has_pending_metadata(self) -> bool:
-        return bool(self._pending_bat or self._pending_bitmaps)
-
-    def commit_due(self) -> bool:
-        return len(self._pending_bat) + len(self._pending_bitmaps) >= self._commit_every
-
-    def _pending_snapshot(self) -> object | None:
-        if not (self._pending_bat or self._pending_bitmaps):
-            return None
-        return dict(self._pending_bat), dict(self._pending_bitmaps)
-
-    def _write_snapshot(self, snapshot: object, sync_failed: BaseException | None = None) -> None:
-        """BAT entries, then bitmaps, each only if still pending unchanged.
-
-        A bitmap replaced since the snapshot stays pending: its newer bits may cover data the
-        sync did not include, and writing the older one after a newer one would lose bits.
-        """
-        bat, bitmaps = snapshot  # type: ignore[misc]
-        due = {i: e for i, e in bat.items() if self._pending_bat.get(i) == e}
-        unwritten = dict(due)
-        blocks = [i for i, bm in sorted(bitmaps.items()) if self._pending_bitmaps.get(i) is bm]
-        written = 0
-        try:
-            if sync_failed is not None:
-                raise sync_failed
-            write_entry_runs(self.file, self.header.table_offset, ">", unwritten)
-            for i in blocks:
-                self.file.pwrite(self._pending_bitmaps[i], self.bat[i] * fmt.SECTOR)
-                del self._pending_bitmaps[i]
-                written += 1
-        except BaseException:
-            for i in unwritten:          # entries the file lacks: the blocks were never there
-                self.bat[i] = fmt.UNUSED_BAT
-                self._pending_bitmaps.pop(i, None)
-                self._forget(i)
-            for i in blocks[written:]:   # bits the file lacks: back to what it holds
-                self._pending_bitmaps.pop(i, None)
-                self._forget(i)
-            raise
-        finally:
-            for i in due:
-                del self._pending_bat[i]
+    def _unallocate(self, i: int, file_entry: int) -> None:
+        """Roll back a BAT entry the file lacks: the block was never there, nor its bits."""
+        self.bat[i] = file_entry
+        self._pending_bitmaps.drop(i)
+        self._forget(i)
 
     def _clear_batmap_bit(self, i: int) -> None:
         """Never leave a "fully populated" bit set for a block we are about to change."""

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Coverage-guided fuzzing of hostile images with atheris (issue 6).
 
-The same mutators and checks as ``tests/test_fuzz.py`` (``tests/badimages.py``): atheris picks
+The same mutators and checks as ``tests/test_fuzz.py`` (``tests/images/hostile.py``): atheris picks
 the base image, the region (footer, dynamic header, BAT, bitmaps, locators, VDI header/map), the
 kind of damage and its values; each case runs ``open_image``, ``describe``, ``check``, a full read
 and ``vhdfs info``/``check`` in-process, under a time and a memory bound. Failures are printed
 and counted, not fatal, so one run reports them all.
 
-    .venv/bin/python bench/fuzz_atheris.py -atheris_runs=2000
-    .venv/bin/python bench/fuzz_atheris.py -max_total_time=600
+    .venv/bin/python -m tools.fuzz_atheris -atheris_runs=2000
+    .venv/bin/python -m tools.fuzz_atheris -max_total_time=600
 
 Prints at exit: ``fuzz: cases tried: N, errors (refused cleanly): E, failures: F``.
 Exit status 1 when any case failed.
@@ -25,37 +25,35 @@ from pathlib import Path
 
 import atheris
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+from . import REPO
 
 with atheris.instrument_imports(include=["vhdfs"]):
-    import vhdfs.block.chain  # noqa: F401
-    import vhdfs.formats.vhd  # noqa: F401
-    import vhdfs.cli  # noqa: F401
+    import vhdfs.block.chain
+    import vhdfs.cli
+    import vhdfs.formats.vhd
     try:
         import vhdfs.formats.vdi.image  # noqa: F401
     except ImportError:
         pass
 
-import badimages as bi  # noqa: E402
+from images import corpus, hostile  # tests/images, put on the path by tools/__init__.py
 
 CORPUS = Path(os.environ.get("VHDFS_CORPUS", REPO.parent / "shared" / "corpus"))
 WANTED = ("dfvfs-qemu-ext2-dynamic.vhd", "dissect-qemu-pattern.vdi", "mkimg-63x255-512-mbr-dynamic.vhd")
 KINDS = ["flip", "field", "field", "field", "bytes", "truncate"]
-BOUNDARIES = list(bi.BOUNDARY_U32 + bi.BOUNDARY_U64)
+BOUNDARIES = list(hostile.BOUNDARY_U32 + hostile.BOUNDARY_U64)
 
 stats = {"cases": 0, "errors": 0, "ok": 0, "failures": 0}
 failures: list[str] = []
 
 
 def decompressed_corpus(work: Path) -> Path | None:
-    return bi.unpack_corpus(CORPUS, work / "corpus", WANTED)
+    return corpus.unpack_corpus(CORPUS, work / "corpus", WANTED)
 
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vhdfs-atheris-"))
-    targets = bi.fuzz_targets(decompressed_corpus(work), work)
+    targets = hostile.fuzz_targets(decompressed_corpus(work), work)
     case_dir = work / "case"
 
     def one_input(data: bytes) -> None:
@@ -65,16 +63,16 @@ def main() -> int:
         for _ in range(fdp.ConsumeIntInRange(1, 3)):
             value = (fdp.PickValueInList(BOUNDARIES) if fdp.ConsumeBool()
                      else fdp.ConsumeIntInRange(0, (1 << 64) - 1))
-            muts.append(bi.Mutation(
+            muts.append(hostile.Mutation(
                 region=fdp.ConsumeIntInRange(0, 63), kind=fdp.PickValueInList(KINDS),
                 where=fdp.ConsumeIntInRange(0, 1 << 16), value=value,
                 fix_checksum=fdp.ConsumeBool(), blob=fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 24))))
         buf, must_match = target.data, True
         for m in muts:
-            buf, keep = bi.apply_mutation(target, m, buf)
+            buf, keep = hostile.apply_mutation(target, m, buf)
             must_match = must_match and keep
-        path = bi.write_case(target, buf, case_dir)
-        out = bi.run_hostile(path, target.expected_sha256, must_match)
+        path = hostile.write_case(target, buf, case_dir)
+        out = hostile.run_hostile(path, target.expected_sha256, must_match)
         stats["cases"] += 1
         if out.status == "FAIL":
             stats["failures"] += 1

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Soak: the kill -9 crash harness for many rounds, then random hostile-image fuzzing.
 
-    .venv/bin/python bench/soak.py                    # 200 kill -9 rounds, 5000 fuzz cases
-    .venv/bin/python bench/soak.py --rounds 1000 --fuzz-cases 20000 --seed 7
+    .venv/bin/python -m tools.soak                  # 200 kill -9 rounds, 5000 fuzz cases
+    .venv/bin/python -m tools.soak --rounds 1000 --fuzz-cases 20000 --seed 7
 
 The crash part needs root, /dev/fuse and fusermount3 (it is skipped, and says so, otherwise).
 Prints per phase and at the end:
@@ -24,11 +24,9 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+from images import corpus, hostile  # tests/images, put on the path by tools/__init__.py
 
-import badimages as bi  # noqa: E402
+from . import REPO
 
 CORPUS = Path(os.environ.get("VHDFS_CORPUS", REPO.parent / "shared" / "corpus"))
 FUZZ_CORPUS = ("dfvfs-qemu-ext2-dynamic.vhd", "dissect-qemu-pattern.vdi",
@@ -36,8 +34,8 @@ FUZZ_CORPUS = ("dfvfs-qemu-ext2-dynamic.vhd", "dissect-qemu-pattern.vdi",
 
 
 def kill9_phase(rounds: int, seed: int, work: Path) -> tuple[int, int, list[str]]:
-    from conftest import has_root_fuse
     import test_kill9 as k9
+    from conftest import has_root_fuse
 
     if not has_root_fuse():
         print("kill9: skipped (needs root, /dev/fuse and fusermount3)", flush=True)
@@ -54,7 +52,7 @@ def kill9_phase(rounds: int, seed: int, work: Path) -> tuple[int, int, list[str]
                 h.round()
                 survived += 1
                 done += 1
-            except Exception as exc:  # noqa: BLE001 - count and go on with a fresh image
+            except Exception as exc:  # count and go on with a fresh image
                 failures.append(f"kill9 {kind} round {h.stats.rounds}: {type(exc).__name__}: {exc}")
                 print(failures[-1], file=sys.stderr, flush=True)
                 traceback.print_exc()
@@ -70,16 +68,16 @@ def kill9_phase(rounds: int, seed: int, work: Path) -> tuple[int, int, list[str]
 
 
 def fuzz_phase(cases: int, seed: int, work: Path) -> tuple[int, list[str]]:
-    corpus = bi.unpack_corpus(CORPUS, work / "corpus", FUZZ_CORPUS)
-    targets = bi.fuzz_targets(corpus, work)
+    unpacked = corpus.unpack_corpus(CORPUS, work / "corpus", FUZZ_CORPUS)
+    targets = hostile.fuzz_targets(unpacked, work)
     rnd = random.Random(seed)
-    bounds = list(bi.BOUNDARY_U32 + bi.BOUNDARY_U64)
+    bounds = list(hostile.BOUNDARY_U32 + hostile.BOUNDARY_U64)
     kinds = ["flip", "field", "field", "field", "bytes", "truncate"]
     failures: list[str] = []
     t0 = time.monotonic()
     for n in range(1, cases + 1):
         target = rnd.choice(targets)
-        muts = [bi.Mutation(region=rnd.randrange(64), kind=rnd.choice(kinds),
+        muts = [hostile.Mutation(region=rnd.randrange(64), kind=rnd.choice(kinds),
                             where=rnd.randrange(1 << 16),
                             value=rnd.choice(bounds) if rnd.random() < 0.5 else rnd.getrandbits(
                                 rnd.choice((8, 16, 32, 64))),
@@ -88,10 +86,10 @@ def fuzz_phase(cases: int, seed: int, work: Path) -> tuple[int, list[str]]:
                 for _ in range(rnd.randint(1, 3))]
         data, must_match = target.data, True
         for m in muts:
-            data, keep = bi.apply_mutation(target, m, data)
+            data, keep = hostile.apply_mutation(target, m, data)
             must_match = must_match and keep
-        path = bi.write_case(target, data, work / "case")
-        out = bi.run_hostile(path, target.expected_sha256, must_match)
+        path = hostile.write_case(target, data, work / "case")
+        out = hostile.run_hostile(path, target.expected_sha256, must_match)
         if out.status == "FAIL":
             line = "; ".join(m.describe(target) for m in muts) + f": {out.detail}"
             failures.append(line)
