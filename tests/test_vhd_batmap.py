@@ -10,6 +10,7 @@ from vhd_helpers import read_footer, write_footer
 from vhdfs.block import open_image
 from vhdfs.formats.vhd.create import create_vhd
 from vhdfs.formats.vhd import spec as fmt
+from vhdfs.formats.vhd import spec_batmap as vbat
 
 MiB = 1024 * 1024
 HDR, MAP = 2048, 2560
@@ -23,8 +24,8 @@ def _tap_image(path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(3072)
         f.seek(HDR)
-        f.write(fmt.pack_batmap_header(fmt.BatmapHeader(HDR, MAP, 1, 0x00010002,
-                                                        fmt.batmap_checksum(bytes(512), 0x00010002), 0), b""))
+        f.write(vbat.pack_batmap_header(vbat.BatmapHeader(HDR, MAP, 1, 0x00010002,
+                                                        vbat.batmap_checksum(bytes(512), 0x00010002), 0), b""))
         f.seek(MAP)
         f.write(bytes(512))
         f.write(bytes(512))   # footer slot at 3072
@@ -37,16 +38,16 @@ def _set_batmap(path: Path, first_byte: int) -> None:
         f.seek(MAP)
         f.write(data)
         f.seek(HDR)
-        f.write(fmt.pack_batmap_header(
-            fmt.BatmapHeader(HDR, MAP, 1, 0x00010002, fmt.batmap_checksum(data, 0x00010002), 0), b""))
+        f.write(vbat.pack_batmap_header(
+            vbat.BatmapHeader(HDR, MAP, 1, 0x00010002, vbat.batmap_checksum(data, 0x00010002), 0), b""))
 
 
 def _batmap_state(path: Path) -> tuple[int, bool]:
     raw = path.read_bytes()
-    hdr = fmt.parse_batmap_header(raw[HDR:HDR + 512], HDR)
+    hdr = vbat.parse_batmap_header(raw[HDR:HDR + 512], HDR)
     assert hdr is not None
     data = raw[MAP:MAP + 512]
-    return data[0], fmt.batmap_checksum(data, hdr.version) == hdr.checksum
+    return data[0], vbat.batmap_checksum(data, hdr.version) == hdr.checksum
 
 
 def test_batmap_is_read_and_kept_correct(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from vhdfs.formats.vhd.bitmap import all_set, count_set, runs, set_bits
 from vhdfs.errors import FormatError
 from vhdfs.formats.vhd import spec as fmt
+from vhdfs.formats.vhd import spec_batmap as vbat
+from vhdfs.formats.vhd import spec_locators as vloc
 
 
 def test_checksum_is_ones_complement_of_byte_sum_without_the_field() -> None:
@@ -99,21 +101,21 @@ def test_locator_space_sectors_or_bytes() -> None:
 
 
 def test_locator_decoding() -> None:
-    assert fmt.decode_locator(fmt.PLAT_W2RU, ".\\p.vhd".encode("utf-16-le") + b"\0\0junk") == ".\\p.vhd"
-    assert fmt.decode_locator(fmt.PLAT_MACX, b"file://localhost/a%20b.vhd\0") == "file://localhost/a%20b.vhd"
-    assert fmt.decode_locator(fmt.PLAT_WI2K, b"c:\\x.vhd\0\0") == "c:\\x.vhd"
-    assert fmt.decode_locator(fmt.PLAT_MAC, b"alias") is None
+    assert vloc.decode_locator(fmt.PLAT_W2RU, ".\\p.vhd".encode("utf-16-le") + b"\0\0junk") == ".\\p.vhd"
+    assert vloc.decode_locator(fmt.PLAT_MACX, b"file://localhost/a%20b.vhd\0") == "file://localhost/a%20b.vhd"
+    assert vloc.decode_locator(fmt.PLAT_WI2K, b"c:\\x.vhd\0\0") == "c:\\x.vhd"
+    assert vloc.decode_locator(fmt.PLAT_MAC, b"alias") is None
     # an unpaired surrogate never raises
-    assert fmt.decode_locator(fmt.PLAT_W2KU, b"\x00\xd8a\x00") is not None
+    assert vloc.decode_locator(fmt.PLAT_W2KU, b"\x00\xd8a\x00") is not None
     assert fmt.decode_utf16(b"\xd8\x00\x00a", "be")
 
 
 def test_path_normalisation() -> None:
-    assert fmt.windows_path_to_posix(".\\sub\\p.vhd") == ("sub/p.vhd", False)
-    assert fmt.windows_path_to_posix("..\\..\\x\\p.vhd") == ("../../x/p.vhd", False)
-    assert fmt.windows_path_to_posix("C:\\dir\\p.vhd") == ("/dir/p.vhd", True)
-    assert fmt.macx_to_posix("file://localhost/dir/a%20b.vhd") == "/dir/a b.vhd"
-    assert fmt.macx_to_posix("file://./p.vhd") == "p.vhd"
+    assert vloc.windows_path_to_posix(".\\sub\\p.vhd") == ("sub/p.vhd", False)
+    assert vloc.windows_path_to_posix("..\\..\\x\\p.vhd") == ("../../x/p.vhd", False)
+    assert vloc.windows_path_to_posix("C:\\dir\\p.vhd") == ("/dir/p.vhd", True)
+    assert vloc.macx_to_posix("file://localhost/dir/a%20b.vhd") == "/dir/a b.vhd"
+    assert vloc.macx_to_posix("file://./p.vhd") == "p.vhd"
 
 
 def test_uuid_and_timestamps() -> None:
@@ -125,13 +127,13 @@ def test_uuid_and_timestamps() -> None:
 
 
 def test_batmap_header_and_checksum() -> None:
-    h = fmt.BatmapHeader(0, 2048, 1, 0x00010002, 0, 0)
-    raw = fmt.pack_batmap_header(h, b"")
-    back = fmt.parse_batmap_header(raw, 1536)
+    h = vbat.BatmapHeader(0, 2048, 1, 0x00010002, 0, 0)
+    raw = vbat.pack_batmap_header(h, b"")
+    back = vbat.parse_batmap_header(raw, 1536)
     assert back is not None and back.map_offset == 2048 and back.map_sectors == 1
-    assert fmt.parse_batmap_header(bytes(512), 0) is None
-    assert fmt.batmap_checksum(b"\x80\x01", 0x00010002) == ~0x81 & 0xFFFFFFFF
-    assert fmt.batmap_checksum(b"\x80\x01", 0x00010001) == ~(-128 + 1) & 0xFFFFFFFF
+    assert vbat.parse_batmap_header(bytes(512), 0) is None
+    assert vbat.batmap_checksum(b"\x80\x01", 0x00010002) == ~0x81 & 0xFFFFFFFF
+    assert vbat.batmap_checksum(b"\x80\x01", 0x00010001) == ~(-128 + 1) & 0xFFFFFFFF
 
 
 # -- bitmap runs against a naive per-bit reference --------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 from images import vhdx_writer as w
 from vhdfs.errors import FormatError, UnsupportedError
 from vhdfs.formats.vhdx import layout, log, logspec, spec
+from vhdfs.formats.vhdx import locator_spec
 
 MiB = 1024 * 1024
 G1, G2, G3 = (uuid.UUID(int=n) for n in (0xA1, 0xA2, 0xA3))
@@ -70,11 +71,11 @@ def test_metadata_table_items_and_locator_round_trip():
     p = spec.FileParameters(32 * MiB, True, False)
     assert spec.parse_file_parameters(spec.pack_file_parameters(p)) == p
     keys = {"parent_linkage": "{%s}" % G1, "relative_path": ".\\base.vhdx"}
-    raw = spec.pack_parent_locator(keys)
+    raw = locator_spec.pack_parent_locator(keys)
     assert raw == w.locator_bytes(keys)
-    assert spec.parse_parent_locator(raw) == (spec.PARENT_LOCATOR_TYPE, keys)
+    assert locator_spec.parse_parent_locator(raw) == (spec.PARENT_LOCATOR_TYPE, keys)
     with pytest.raises(FormatError, match="parent locator"):
-        spec.parse_parent_locator(raw[:-2])
+        locator_spec.parse_parent_locator(raw[:-2])
 
 
 def test_bat_entry_bits():

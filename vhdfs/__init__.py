@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def open(path: str | os.PathLike[str], mode: str = "rb", buffering: int = -1,
-         **options: Any) -> "io.BufferedReader | io.BufferedRandom | VirtualDiskIO":
+def open(
+    path: str | os.PathLike[str], mode: str = "rb", buffering: int = -1, **options: Any
+) -> io.BufferedReader | io.BufferedRandom | VirtualDiskIO:
     """The virtual disk of an image (any format, with its parent chain) as a binary file.
 
     ``mode`` "rb" or "r+b"; ``buffering=0`` returns the raw ``VirtualDiskIO``; ``options``

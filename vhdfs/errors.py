@@ -26,7 +26,7 @@ class VhdfsError(Exception):
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
-    def with_path(self, path: str | os.PathLike[str]) -> "VhdfsError":
+    def with_path(self, path: str | os.PathLike[str]) -> VhdfsError:
         """Attach the file name once the caller knows it (parsers see only bytes)."""
         if self.path is None:
             self.path = os.fspath(path)

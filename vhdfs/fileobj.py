@@ -25,14 +25,14 @@ from __future__ import annotations
 import errno
 import io
 import os
-from typing import Any
+from typing import Any, cast
 
 from .block.chain import open_image
 from .block.extent import Kind
 from .block.image import Image
 from .errors import VhdfsError
 
-DEFAULT_BUFFER_SIZE = 128 * 1024   # a disk is read in larger pieces than a text file
+DEFAULT_BUFFER_SIZE = 128 * 1024  # a disk is read in larger pieces than a text file
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
@@ -130,7 +130,7 @@ class VirtualDiskIO(io.RawIOBase):
         if n == 0:
             return 0
         data = self._guarded(self.image.read, self._pos, n)
-        if len(data) != n:   # Image.read is short only at the end of the disk
+        if len(data) != n:  # Image.read is short only at the end of the disk
             self._fail(VhdfsError(f"short read: {len(data)} of {n} bytes at {self._pos}", self.image.path))
         view[:n] = data
         self._pos += n
@@ -158,9 +158,12 @@ class VirtualDiskIO(io.RawIOBase):
             raise io.UnsupportedOperation("not writable (opened with mode 'rb'; use 'r+b')")
         view = memoryview(buffer).cast("B")
         if len(view) and self._pos + len(view) > self.image.size:
-            raise OSError(errno.ENOSPC,
-                          f"write of {len(view)} bytes at offset {self._pos} goes past the end of "
-                          f"the virtual disk ({self.image.size} bytes)", self.name)
+            raise OSError(
+                errno.ENOSPC,
+                f"write of {len(view)} bytes at offset {self._pos} goes past the end of "
+                f"the virtual disk ({self.image.size} bytes)",
+                self.name,
+            )
         if len(view):
             self._guarded(self.image.write, self._pos, view)
             self._pos += len(view)
@@ -204,8 +207,9 @@ class VirtualDiskIO(io.RawIOBase):
     def _check_usable(self) -> None:
         self._check_open()
         if self._failed is not None:
-            raise OSError(errno.EIO, f"unusable after an earlier error ({self._failed})",
-                          self.name) from self._failed
+            raise OSError(
+                errno.EIO, f"unusable after an earlier error ({self._failed})", self.name
+            ) from self._failed
 
     def _guarded(self, fn: Any, *args: Any) -> Any:
         """Run a block-layer call; its failure becomes an OSError and this object stays failed."""
@@ -238,10 +242,14 @@ class DiskBufferedRandom(io.BufferedRandom):
     def write(self, buffer: Any) -> int:
         """Buffered, but a write past the end of the disk fails here, not at a later flush."""
         length = memoryview(buffer).nbytes
-        if not self.closed and self.tell() + length > self.raw.size:
-            raise OSError(errno.ENOSPC,
-                          f"write of {length} bytes at offset {self.tell()} goes past the end of "
-                          f"the virtual disk ({self.raw.size} bytes)", self.name)
+        size = cast(VirtualDiskIO, self.raw).size
+        if not self.closed and self.tell() + length > size:
+            raise OSError(
+                errno.ENOSPC,
+                f"write of {length} bytes at offset {self.tell()} goes past the end of "
+                f"the virtual disk ({size} bytes)",
+                self.name,
+            )
         return super().write(buffer)
 
     def flush(self) -> None:
@@ -250,8 +258,9 @@ class DiskBufferedRandom(io.BufferedRandom):
             self.raw.flush()
 
 
-def open(path: str | os.PathLike[str], mode: str = "rb", buffering: int = -1,
-         **options: Any) -> "io.BufferedReader | io.BufferedRandom | VirtualDiskIO":
+def open(
+    path: str | os.PathLike[str], mode: str = "rb", buffering: int = -1, **options: Any
+) -> io.BufferedReader | io.BufferedRandom | VirtualDiskIO:
     """Open the virtual disk of ``path`` (any format vhdfs reads, with its parent chain).
 
     ``mode`` is "rb" (read-only; parents are always read-only) or "r+b" (write the top image;
@@ -281,8 +290,10 @@ def _parse_mode(mode: str) -> bool:
         raise TypeError(f"mode must be a string, not {type(mode).__name__}")
     chars = set(mode)
     if len(chars) != len(mode) or not chars <= set("rb+") or "r" not in chars:
-        raise ValueError(f"invalid mode {mode!r}: a virtual disk opens as 'rb' or 'r+b' "
-                         "(it is never created, truncated or appended to here)")
+        raise ValueError(
+            f"invalid mode {mode!r}: a virtual disk opens as 'rb' or 'r+b' "
+            "(it is never created, truncated or appended to here)"
+        )
     return "+" in chars
 
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 READ_BITS = 0o444
 WRITE_BITS = 0o222
@@ -42,7 +42,7 @@ class Access:
     uid: int
     gid: int
 
-    def for_writable(self, writable: bool) -> "Access":
+    def for_writable(self, writable: bool) -> Access:
         """What to report now: no write bit while the export is read-only (e.g. after failsafe)."""
         return self if writable else replace(self, mode=self.mode & ~WRITE_BITS)
 
@@ -52,8 +52,14 @@ def private(writable: bool) -> Access:
     return Access(0o600 if writable else 0o400, os.geteuid(), os.getegid())
 
 
-def exposed_access(source: str | int | os.stat_result, writable: bool, *, uid: int | None = None,
-                   gid: int | None = None, groups: Iterable[int] = ()) -> Access:
+def exposed_access(
+    source: str | int | os.stat_result,
+    writable: bool,
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
+    groups: Iterable[int] = (),
+) -> Access:
     """The access of a thing exposing the image ``source`` (a path, an open fd, or its stat).
 
     Pass the file the user named: for a chain its top, for a snapshot the base, not the child.
@@ -72,7 +78,7 @@ def exposed_access(source: str | int | os.stat_result, writable: bool, *, uid: i
     if uid is None:
         uid, gid, groups = os.geteuid(), os.getegid(), os.getgroups()
     if uid == 0:
-        return derived        # root passes the kernel's check anyway; others get the image's bits
+        return derived  # root passes the kernel's check anyway; others get the image's bits
     gid = os.getegid() if gid is None else gid
     need = 0o6 if writable else 0o4
     if _class_bits(derived, uid, {gid, *groups}) & need != need:
@@ -89,8 +95,15 @@ def _class_bits(a: Access, uid: int, groups: set[int]) -> int:
     return a.mode & 7
 
 
-def changed(current: Access, caller_uid: int, writable: bool, *, mode: int | None = None,
-            uid: int | None = None, gid: int | None = None) -> Access:
+def changed(
+    current: Access,
+    caller_uid: int,
+    writable: bool,
+    *,
+    mode: int | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> Access:
     """``current`` after a chmod (``mode``) and/or chown (``uid``, ``gid``) by ``caller_uid``.
 
     Raises ``PermissionError`` (EPERM) when the caller is neither root nor the owner, or is not

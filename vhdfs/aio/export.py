@@ -10,7 +10,7 @@ partition N. Each export's owner and mode come from the image the user named
 from __future__ import annotations
 
 import errno
-from typing import Iterable
+from collections.abc import Iterable
 
 import trio
 
@@ -29,8 +29,14 @@ class Export:
     without one, only the daemon's user may use it.
     """
 
-    def __init__(self, name: str, shared: AsyncImage, start: int = 0, size: int | None = None,
-                 access: Access | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        shared: AsyncImage,
+        start: int = 0,
+        size: int | None = None,
+        access: Access | None = None,
+    ) -> None:
         self.name = name
         self.shared = shared
         self.image = shared.image
@@ -79,8 +85,9 @@ class Export:
         return min(self.size, await self.shared.allocated_bytes())
 
 
-def build_exports(exposed: Iterable[Exposed], partitions: bool = True,
-                  limiter: trio.CapacityLimiter | None = None) -> list[Export]:
+def build_exports(
+    exposed: Iterable[Exposed], partitions: bool = True, limiter: trio.CapacityLimiter | None = None
+) -> list[Export]:
     """Every file (``block.exports.plan_exports`` with the ``.raw`` suffix); the windows of one
     image share one ``AsyncImage``."""
     limiter = limiter or trio.CapacityLimiter(8)

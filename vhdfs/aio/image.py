@@ -23,8 +23,8 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import trio
 
@@ -48,13 +48,13 @@ class AsyncImage:
     writable: bool
     limiter: trio.CapacityLimiter
     lock: trio.Lock = field(default_factory=trio.Lock)
-    nowait: bool = True               # RWF_NOWAIT works on this file system (until shown otherwise)
-    allocated: int | None = None      # cached allocated bytes for st_blocks
+    nowait: bool = True  # RWF_NOWAIT works on this file system (until shown otherwise)
+    allocated: int | None = None  # cached allocated bytes for st_blocks
     allocated_at: float = 0.0
     allocated_dirty: bool = True
-    temp_child: str | None = None     # snapshot child to delete at unmount
-    commit_failed: Exception | None = None   # a background commit's error, for the next flush
-    commit_wanted: trio.Event = field(default_factory=trio.Event)   # wakes the committer early
+    temp_child: str | None = None  # snapshot child to delete at unmount
+    commit_failed: Exception | None = None  # a background commit's error, for the next flush
+    commit_wanted: trio.Event = field(default_factory=trio.Event)  # wakes the committer early
     # Called (in a worker thread) after a failed flush or commit rolled writes back: the
     # mount drops what the kernel page cache holds of this image's files (operations.py).
     on_rollback: Callable[[], None] | None = None
@@ -62,8 +62,11 @@ class AsyncImage:
     _map_checks: list[Callable[[int, int], bool]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self._map_checks = [layer.maps_without_io for layer in self.image.chain
-                            if type(layer).maps_without_io is not Image.maps_without_io]
+        self._map_checks = [
+            layer.maps_without_io
+            for layer in self.image.chain
+            if type(layer).maps_without_io is not Image.maps_without_io
+        ]
 
     async def allocated_bytes(self) -> int:
         """Allocated bytes of the whole chain (capped at size), recomputed at most once a second.
@@ -75,7 +78,8 @@ class AsyncImage:
             self.allocated_dirty = False
             self.allocated_at = now
             total = await trio.to_thread.run_sync(
-                lambda: sum(layer.allocated_bytes() for layer in self.image.chain), limiter=self.limiter)
+                lambda: sum(layer.allocated_bytes() for layer in self.image.chain), limiter=self.limiter
+            )
             self.allocated = min(total, self.image.size)
         return self.allocated
 
@@ -109,7 +113,7 @@ class AsyncImage:
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(self.image.commit, limiter=self.limiter)
-            except Exception as exc:  # noqa: BLE001 - reported at the next flush
+            except Exception as exc:
                 log.error("%s: background commit failed: %s", self.image.path, exc)
                 self.commit_failed = exc
                 await self.rolled_back()
@@ -123,7 +127,7 @@ class AsyncImage:
         if self.on_rollback is not None:
             try:
                 await trio.to_thread.run_sync(self.on_rollback)
-            except Exception as exc:  # noqa: BLE001 - the write error is what gets reported
+            except Exception as exc:
                 log.error("%s: cannot drop the kernel's cached pages: %s", self.image.path, exc)
 
     async def run_committer(self, interval: float) -> None:
@@ -158,14 +162,18 @@ class AsyncImage:
         for ext in exts:
             if ext.kind != Kind.DATA:
                 continue
-            part = view[ext.offset - base:ext.end - base]
+            part = view[ext.offset - base : ext.end - base]
             got = self._try_nowait(ext, part)
             if got < ext.length:
-                misses.append(Extent(ext.offset + got, ext.length - got, ext.kind, ext.fd,
-                                     ext.file_offset + got, ext.layer))
+                misses.append(
+                    Extent(
+                        ext.offset + got, ext.length - got, ext.kind, ext.fd, ext.file_offset + got, ext.layer
+                    )
+                )
         if misses:
-            await trio.to_thread.run_sync(self.image.readinto_extents, misses, view, base,
-                                          limiter=self.limiter)
+            await trio.to_thread.run_sync(
+                self.image.readinto_extents, misses, view, base, limiter=self.limiter
+            )
         return buf
 
     def _try_nowait(self, ext: Extent, part: memoryview) -> int:

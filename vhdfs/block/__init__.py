@@ -7,7 +7,7 @@ A library of its own: it imports neither trio nor pyfuse3, so scripts can use it
         mbr = img.read(0, 512)
 """
 
-from .image import Extent, Image, Kind, OpenOptions, ParentRef
 from .chain import open_image, probe_format
+from .image import Extent, Image, Kind, OpenOptions, ParentRef
 
 __all__ = ["Extent", "Image", "Kind", "OpenOptions", "ParentRef", "open_image", "probe_format"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..errors import ChainError, NotAnImageError, UsageError, VhdfsError
 from .driver import Driver, ProbeData, driver, drivers, image_titles
@@ -22,7 +22,7 @@ MAX_DEPTH = 256
 
 def probe_format(path: str) -> str:
     """Which driver reads ``path`` (the highest probe score wins); NotAnImageError when none does."""
-    fd, st = open_image_fd(path)   # refuses FIFOs, sockets, character devices, directories
+    fd, st = open_image_fd(path)  # refuses FIFOs, sockets, character devices, directories
     try:
         size = fd_size(fd, st)
         if size == 0:
@@ -53,8 +53,12 @@ def open_layer(path: str, options: OpenOptions, fmt: str | None = None) -> Image
 
 
 def make_options(
-    writable: bool = False, *, parent_dirs: Iterable[str | os.PathLike[str]] = (),
-    force: bool = False, ignore_parent_id: bool = False, **driver_options: str,
+    writable: bool = False,
+    *,
+    parent_dirs: Iterable[str | os.PathLike[str]] = (),
+    force: bool = False,
+    ignore_parent_id: bool = False,
+    **driver_options: str,
 ) -> OpenOptions:
     """``OpenOptions`` from keywords; ``driver_options`` are format options such as VHD's size_rule."""
     known = {o.name: o for d in drivers() for o in d.options}
@@ -67,9 +71,12 @@ def make_options(
             raise UsageError(f"{opt.flag} must be one of {', '.join(opt.choices)}, not {value!r}")
         extra[name] = value
     return OpenOptions(
-        writable=writable, force=force,
+        writable=writable,
+        force=force,
         parent_dirs=tuple(os.path.abspath(os.fspath(d)) for d in parent_dirs),
-        ignore_parent_id=ignore_parent_id, extra=extra)
+        ignore_parent_id=ignore_parent_id,
+        extra=extra,
+    )
 
 
 def open_image(
@@ -87,9 +94,10 @@ def open_image(
     ``format`` names a driver (default: probe); ``driver_options`` are format options such as
     VHD's ``size_rule="chs"``.
     """
-    options = make_options(writable, parent_dirs=parent_dirs, force=force,
-                           ignore_parent_id=ignore_parent_id, **driver_options)
-    path = os.path.abspath(os.fspath(path))   # every message names the file the same way
+    options = make_options(
+        writable, parent_dirs=parent_dirs, force=force, ignore_parent_id=ignore_parent_id, **driver_options
+    )
+    path = os.path.abspath(os.fspath(path))  # every message names the file the same way
     top = open_layer(path, options, format)
     try:
         attach_parents(top, options)
@@ -120,8 +128,8 @@ def attach_parents(top: Image, options: OpenOptions) -> None:
         img.backing = parent
         if parent.size != img.size:
             raise ChainError(
-                f"parent {parent.path} is {parent.size} bytes but the child expects {img.size}",
-                img.path)
+                f"parent {parent.path} is {parent.size} bytes but the child expects {img.size}", img.path
+            )
         seen[_file_key(parent.path)] = parent.path
         img = parent
 
@@ -135,8 +143,9 @@ def _candidates(child: Image, ref: ParentRef, options: OpenOptions) -> list[str]
     return unique
 
 
-def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
-                 seen: dict[tuple[int, int], str]) -> Image:
+def _open_parent(
+    child: Image, ref: ParentRef, options: OpenOptions, seen: dict[tuple[int, int], str]
+) -> Image:
     tried: list[str] = []
     mismatches: list[str] = []
     problems: list[str] = []
@@ -145,7 +154,7 @@ def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
             tried.append(cand)
             continue
         try:
-            stat_image(cand)   # a FIFO, socket, character device or folder is refused by name
+            stat_image(cand)  # a FIFO, socket, character device or folder is refused by name
         except VhdfsError as exc:
             if not ref.scan:
                 problems.append(str(exc))
@@ -163,7 +172,9 @@ def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
             problems.append(str(exc))
             continue
         if parent.format != ref.format:
-            problems.append(f"{cand} is a {parent.format} image; a {ref.format} child needs a {ref.format} parent")
+            problems.append(
+                f"{cand} is a {parent.format} image; a {ref.format} child needs a {ref.format} parent"
+            )
             parent.close()
             continue
         if ref.matches(parent) or (options.ignore_parent_id and not ref.scan):
@@ -172,8 +183,11 @@ def _open_parent(child: Image, ref: ParentRef, options: OpenOptions,
         parent.close()
     if mismatches:
         raise ChainError(
-            f"parent {ref.name} not found with id {ref.expected_id}: " + "; ".join(mismatches)
-            + " (pass --ignore-parent-id to accept it anyway)", child.path)
+            f"parent {ref.name} not found with id {ref.expected_id}: "
+            + "; ".join(mismatches)
+            + " (pass --ignore-parent-id to accept it anyway)",
+            child.path,
+        )
     if problems:
         raise ChainError(f"parent {ref.name} cannot be opened: " + "; ".join(problems), child.path)
     where = ", ".join(tried) if tried else "no candidate paths"

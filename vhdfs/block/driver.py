@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .image import Image, OpenOptions, ParentRef
 
 # Probe scores: the highest wins; ties go to the registry's order.
-CERTAIN = 100     # a magic number where the format puts it
-LIKELY = 50       # found by a slower second look (a footer followed by padding, ...)
+CERTAIN = 100  # a magic number where the format puts it
+LIKELY = 50  # found by a slower second look (a footer followed by padding, ...)
 NO = 0
 
 
@@ -29,10 +30,10 @@ NO = 0
 class ProbeData:
     """What a probe may look at: the file's first and last bytes, its size, and an fd for more."""
 
-    head: bytes       # up to HEAD_BYTES from offset 0
-    tail: bytes       # up to TAIL_BYTES before the end
+    head: bytes  # up to HEAD_BYTES from offset 0
+    tail: bytes  # up to TAIL_BYTES before the end
     size: int
-    fd: int           # open read-only; a slow probe may pread, never seek or close
+    fd: int  # open read-only; a slow probe may pread, never seek or close
 
     HEAD_BYTES = 64 * 1024
     TAIL_BYTES = 1024
@@ -43,11 +44,11 @@ class CreateSpec:
     """A new image to make; validated against the driver's ``Limits`` before ``create`` runs."""
 
     path: str
-    type: str                      # "fixed" | "dynamic" | "differencing"
-    size: int                      # virtual size in bytes (a child: its parent's)
+    type: str  # "fixed" | "dynamic" | "differencing"
+    size: int  # virtual size in bytes (a child: its parent's)
     block_size: int | None = None  # None: the driver's default
     sector_size: int | None = None  # logical sector size; None: the driver's default
-    parent: str | None = None      # absolute path of the parent (differencing only)
+    parent: str | None = None  # absolute path of the parent (differencing only)
     parent_dirs: tuple[str, ...] = ()
 
 
@@ -57,7 +58,7 @@ class Limits:
 
     max_size: int
     types: tuple[str, ...] = ("fixed", "dynamic", "differencing")
-    block_sizes: tuple[int, int] | None = None   # (min, max) powers of two; None: no blocks
+    block_sizes: tuple[int, int] | None = None  # (min, max) powers of two; None: no blocks
     fixed_has_blocks: bool = False
     sector_sizes: tuple[int, ...] = (512,)
 
@@ -66,8 +67,8 @@ class Limits:
 class DriverOption:
     """An open option only one format has (VHD's ``--size-rule``), offered by every command."""
 
-    name: str                      # key in ``OpenOptions.extra`` and the argparse dest
-    flag: str                      # "--size-rule"
+    name: str  # key in ``OpenOptions.extra`` and the argparse dest
+    flag: str  # "--size-rule"
     choices: tuple[str, ...]
     default: str
     help: str
@@ -76,9 +77,9 @@ class DriverOption:
 class Severity(enum.Enum):
     """What a ``check`` finding means for a user (exit 1 only for ERROR)."""
 
-    ERROR = "error"   # damage that loses or hides data
-    LEAK = "leak"     # space that is wasted, no data at risk
-    NOTE = "note"     # a harmless habit of a real writer
+    ERROR = "error"  # damage that loses or hides data
+    LEAK = "leak"  # space that is wasted, no data at risk
+    NOTE = "note"  # a harmless habit of a real writer
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def note(text: str) -> Finding:
     return Finding(Severity.NOTE, text)
 
 
-def default_parent_candidates(child: "Image", ref: "ParentRef", parent_dirs: tuple[str, ...]) -> list[str]:
+def default_parent_candidates(child: Image, ref: ParentRef, parent_dirs: tuple[str, ...]) -> list[str]:
     """The child's own locators in order, then each stored name in every ``--parent-dir``."""
     out = list(ref.candidates)
     for folder in parent_dirs:
@@ -114,24 +115,24 @@ def default_parent_candidates(child: "Image", ref: "ParentRef", parent_dirs: tup
 class Driver:
     """One format. ``probe``/``open_layer``/``create`` are the only entry points a format has."""
 
-    name: str                                       # "vhd": --format value, messages, ParentRef.format
-    title: str                                      # "VHD": what users call it
-    suffixes: tuple[str, ...]                       # first = the one new files get
+    name: str  # "vhd": --format value, messages, ParentRef.format
+    title: str  # "VHD": what users call it
+    suffixes: tuple[str, ...]  # first = the one new files get
     probe: Callable[[ProbeData], int]
-    open_layer: Callable[[str, "OpenOptions"], "Image"]
+    open_layer: Callable[[str, OpenOptions], Image]
     create: Callable[[CreateSpec], None] | None
     limits: Limits
-    type_names: dict[str, str] = field(default_factory=dict)   # VDI says "static" for fixed
+    type_names: dict[str, str] = field(default_factory=dict)  # VDI says "static" for fixed
     options: tuple[DriverOption, ...] = ()
     # Where a child's parent may be: paths in order. A driver that scans folders (VDI finds
     # its parent by UUID) sets ``ParentRef.scan`` so unreadable candidates are skipped quietly.
-    parent_candidates: Callable[["Image", "ParentRef", tuple[str, ...]], list[str]] = default_parent_candidates
+    parent_candidates: Callable[[Image, ParentRef, tuple[str, ...]], list[str]] = default_parent_candidates
     # Maintenance (``tools/maintain.py`` does the shared part: locks, children, zero checks).
     # resize(top layer open writable, requested size, ensure_zero(new size)) -> what it did;
     # the driver applies its own size rules and calls ensure_zero before cutting anything.
-    resize: Callable[["Image", int, Callable[[int], None]], list[str]] | None = None
+    resize: Callable[[Image, int, Callable[[int], None]], list[str]] | None = None
     # compact(top layer open writable, its chain attached, progress(done, total)) -> what it did
-    compact: Callable[["Image", Callable[[int, int], None]], list[str]] | None = None
+    compact: Callable[[Image, Callable[[int, int], None]], list[str]] | None = None
     # repair(path, dry_run, say) -> changes; runs before the image is opened (a table pointing
     # past the end of the file makes a normal open refuse), never touches a parent
     repair: Callable[[str, bool, Callable[[str], None]], list[str]] | None = None

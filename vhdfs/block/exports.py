@@ -8,8 +8,8 @@ nbdkit's embedded interpreter, plans its exports with the same code as the mount
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import UsageError
 from .image import Image
@@ -23,8 +23,8 @@ class Exposed:
     stem: str
     image: Image
     writable: bool
-    temp_child: str | None = None   # a snapshot child removed when the front end stops
-    snapshot: bool = False          # ``image`` is a child made over the image the user named
+    temp_child: str | None = None  # a snapshot child removed when the front end stops
+    snapshot: bool = False  # ``image`` is a child made over the image the user named
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Window:
     exposed: Exposed
     start: int
     size: int
-    partition: int = 0   # 0: the whole disk
+    partition: int = 0  # 0: the whole disk
 
 
 def plan_exports(exposed: Iterable[Exposed], partitions: bool = True, suffix: str = "") -> list[Window]:
@@ -51,8 +51,10 @@ def plan_exports(exposed: Iterable[Exposed], partitions: bool = True, suffix: st
 
     def add(w: Window, owner: str) -> None:
         if w.name in owners:
-            raise UsageError(f"two exports would be called {w.name} ({owners[w.name]} and {owner});"
-                             " open them separately or rename one")
+            raise UsageError(
+                f"two exports would be called {w.name} ({owners[w.name]} and {owner});"
+                " open them separately or rename one"
+            )
         owners[w.name] = owner
         out.append(w)
 
@@ -60,6 +62,8 @@ def plan_exports(exposed: Iterable[Exposed], partitions: bool = True, suffix: st
         add(Window(f"{ex.stem}{suffix}", ex, 0, ex.image.size), ex.image.path)
         if partitions:
             for part in find_partitions(ex.image):
-                add(Window(f"{ex.stem}-p{part.number}{suffix}", ex, part.start, part.length, part.number),
-                    f"{ex.image.path} partition {part.number}")
+                add(
+                    Window(f"{ex.stem}-p{part.number}{suffix}", ex, part.start, part.length, part.number),
+                    f"{ex.image.path} partition {part.number}",
+                )
     return out

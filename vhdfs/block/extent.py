@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..errors import FormatError
 
@@ -46,12 +46,24 @@ def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
     for ext in extents:
         if ext.length <= 0:
             continue
-        if pending is not None and pending.end == ext.offset and pending.kind == ext.kind and (
-            ext.kind != Kind.DATA
-            or (pending.fd == ext.fd and pending.file_offset + pending.length == ext.file_offset)
-        ) and (ext.kind == Kind.ZERO or pending.layer == ext.layer):
-            pending = Extent(pending.offset, pending.length + ext.length, pending.kind,
-                             pending.fd, pending.file_offset, pending.layer)
+        if (
+            pending is not None
+            and pending.end == ext.offset
+            and pending.kind == ext.kind
+            and (
+                ext.kind != Kind.DATA
+                or (pending.fd == ext.fd and pending.file_offset + pending.length == ext.file_offset)
+            )
+            and (ext.kind == Kind.ZERO or pending.layer == ext.layer)
+        ):
+            pending = Extent(
+                pending.offset,
+                pending.length + ext.length,
+                pending.kind,
+                pending.fd,
+                pending.file_offset,
+                pending.layer,
+            )
             continue
         if pending is not None:
             yield pending
@@ -68,10 +80,12 @@ def preadinto_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
             n = os.preadv(fd, [view[done:]], offset + done)
         except OSError as exc:
             if exc.filename is None:
-                exc.filename = path   # never a bare "Input/output error"
+                exc.filename = path  # never a bare "Input/output error"
             raise
         if n == 0:
-            raise FormatError(f"truncated: data expected at offset {offset + done} is past the end of the file", path)
+            raise FormatError(
+                f"truncated: data expected at offset {offset + done} is past the end of the file", path
+            )
         done += n
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 import os
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ..errors import FormatError, ReadOnlyError, UnsupportedError
 from .driver import Finding
@@ -27,13 +28,13 @@ class OpenOptions:
     """How to open an image: passed from the CLI/daemon down to every driver and parent."""
 
     writable: bool = False
-    force: bool = False              # accept a bad checksum on a writable open
+    force: bool = False  # accept a bad checksum on a writable open
     parent_dirs: tuple[str, ...] = ()
-    ignore_parent_id: bool = False   # accept a parent whose UUID differs (forensics)
+    ignore_parent_id: bool = False  # accept a parent whose UUID differs (forensics)
     # Options only one format has, by ``DriverOption.name`` (VHD: size_rule).
     extra: Mapping[str, str] = field(default_factory=dict)
 
-    def for_parent(self) -> "OpenOptions":
+    def for_parent(self) -> OpenOptions:
         """Parents are always opened read-only, with the same search and override options."""
         return replace(self, writable=False)
 
@@ -48,14 +49,14 @@ class ParentRef:
     does not match is skipped quietly, since most candidates are expected not to be the parent.
     """
 
-    name: str                       # what to call the parent in messages
-    expected_id: str                # the UUID the child expects, printable
+    name: str  # what to call the parent in messages
+    expected_id: str  # the UUID the child expects, printable
     candidates: list[str] = field(default_factory=list)
     search_names: list[str] = field(default_factory=list)  # basenames to try in --parent-dir
-    format: str = "vhd"             # which driver opens the parent
+    format: str = "vhd"  # which driver opens the parent
     scan: bool = False
 
-    def matches(self, parent: "Image") -> bool:
+    def matches(self, parent: Image) -> bool:
         return parent.identity() == self.expected_id
 
 
@@ -69,10 +70,10 @@ class Image(abc.ABC):
 
     format: str = "?"
     type: str = "?"
-    sector_size: int = 512         # logical sector: what partition tables count in
-    allocation_unit: int = 0       # bytes a table entry maps (a block); 0: no blocks (fixed, raw)
-    file: "RawFile | None" = None  # the layer's one image file, for the default flush/close
-    pending: "PendingGroup | None" = None   # metadata awaiting the next commit (block/pending.py)
+    sector_size: int = 512  # logical sector: what partition tables count in
+    allocation_unit: int = 0  # bytes a table entry maps (a block); 0: no blocks (fixed, raw)
+    file: RawFile | None = None  # the layer's one image file, for the default flush/close
+    pending: PendingGroup | None = None  # metadata awaiting the next commit (block/pending.py)
 
     def __init__(self, path: str, size: int, writable: bool) -> None:
         self.path = os.path.abspath(path)
@@ -135,7 +136,7 @@ class Image(abc.ABC):
             f.sync()
         except BaseException as exc:
             with self.meta_lock:
-                self._write_snapshot(snapshot, sync_failed=exc)   # rolls back and re-raises
+                self._write_snapshot(snapshot, sync_failed=exc)  # rolls back and re-raises
         with self.meta_lock:
             self._write_snapshot(snapshot)
 
@@ -147,7 +148,7 @@ class Image(abc.ABC):
         """True when written data is not yet pointed at in the file (a commit is due)."""
         return self.pending is not None and len(self.pending) > 0
 
-    def _writable_file(self) -> "RawFile | None":
+    def _writable_file(self) -> RawFile | None:
         """The layer's file while it is open for writing, else None."""
         f = self.file
         return f if self.writable and f is not None and f.fd >= 0 else None
@@ -199,7 +200,7 @@ class Image(abc.ABC):
     # -- generic behaviour ------------------------------------------------------------------
 
     @property
-    def chain(self) -> list["Image"]:
+    def chain(self) -> list[Image]:
         """This image and its parents, top first."""
         out: list[Image] = []
         img: Image | None = self
@@ -254,7 +255,7 @@ class Image(abc.ABC):
         for ext in exts:
             if ext.kind == Kind.DATA:
                 start = ext.offset - base
-                preadinto_exact(ext.fd, view[start:start + ext.length], ext.file_offset, self.path)
+                preadinto_exact(ext.fd, view[start : start + ext.length], ext.file_offset, self.path)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at ``offset``; a write past the end of the disk is refused."""
@@ -264,7 +265,8 @@ class Image(abc.ABC):
         if offset < 0 or offset + len(view) > self.size:
             raise FormatError(
                 f"write of {len(view)} bytes at {offset} goes past the end of the disk ({self.size})",
-                self.path)
+                self.path,
+            )
         if len(view):
             self._write(offset, view)
             if self.auto_commit and self.commit_due():
@@ -295,7 +297,7 @@ class Image(abc.ABC):
             if self.backing is not None:
                 self.backing.close()
 
-    def __enter__(self) -> "Image":
+    def __enter__(self) -> Image:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -67,7 +67,7 @@ def find_partitions(image: Image, sector: int | None = None) -> list[Partition]:
 def _mbr_entries(block: bytes) -> list[tuple[int, int, int]]:
     out = []
     for i in range(4):
-        raw = block[446 + 16 * i:446 + 16 * (i + 1)]
+        raw = block[446 + 16 * i : 446 + 16 * (i + 1)]
         kind = raw[4]
         lba, count = struct.unpack_from("<II", raw, 8)
         out.append((kind, lba, count))
@@ -117,7 +117,7 @@ def _gpt(image: Image, sector: int) -> list[Partition] | None:
         return None
     parts = []
     for i in range(count):
-        entry = table[i * esize:(i + 1) * esize]
+        entry = table[i * esize : (i + 1) * esize]
         if entry[:16] == bytes(16):
             continue
         first, last = struct.unpack_from("<QQ", entry, 32)

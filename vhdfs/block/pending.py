@@ -95,8 +95,9 @@ class PendingTable(Pending[dict[int, int]]):
     puts the driver's in-memory view of entry ``i`` back to what the file holds.
     """
 
-    def __init__(self, entry_format: str, table_offset: int, target: PwriteTarget,
-                 rollback: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, entry_format: str, table_offset: int, target: PwriteTarget, rollback: Callable[[int, int], None]
+    ) -> None:
         self.entry = struct.Struct(entry_format)
         if len(self.entry.unpack(bytes(self.entry.size))) != 1:
             raise ValueError(f"{entry_format!r} is not a one-entry struct format")
@@ -104,7 +105,7 @@ class PendingTable(Pending[dict[int, int]]):
         self.target = target
         self.rollback = rollback
         self._new: dict[int, int] = {}
-        self._file: dict[int, int] = {}   # index -> the entry the file holds (for a rollback)
+        self._file: dict[int, int] = {}  # index -> the entry the file holds (for a rollback)
 
     def __len__(self) -> int:
         return len(self._new)
@@ -145,8 +146,12 @@ class PendingTable(Pending[dict[int, int]]):
             out.append(TableWrite(self.table_offset + size * first, data, range(first, first + n)))
         return out
 
-    def write_snapshot(self, snapshot: dict[int, int], sync_failed: BaseException | None = None,
-                       write_runs: Callable[[Sequence[TableWrite]], None] | None = None) -> None:
+    def write_snapshot(
+        self,
+        snapshot: dict[int, int],
+        sync_failed: BaseException | None = None,
+        write_runs: Callable[[Sequence[TableWrite]], None] | None = None,
+    ) -> None:
         """Write the due entries, one ``target.pwrite`` per run (or all at once via ``write_runs``).
 
         After a failure, the entries of every run not (known to be) written are rolled back.
@@ -184,8 +189,9 @@ class PendingBlobs(Pending[dict[int, bytes]]):
     ``rollback(i)`` makes the driver forget the pending blob (it reads the file's again).
     """
 
-    def __init__(self, target: PwriteTarget, locate: Callable[[int], int],
-                 rollback: Callable[[int], None]) -> None:
+    def __init__(
+        self, target: PwriteTarget, locate: Callable[[int], int], rollback: Callable[[int], None]
+    ) -> None:
         self.target = target
         self.locate = locate
         self.rollback = rollback
@@ -221,7 +227,7 @@ class PendingBlobs(Pending[dict[int, bytes]]):
                 del self._new[i]
                 written += 1
         except BaseException:
-            for i in due[written:]:   # what the file lacks: back to what it holds
+            for i in due[written:]:  # what the file lacks: back to what it holds
                 self._new.pop(i, None)
                 self.rollback(i)
             raise
@@ -236,8 +242,14 @@ class PendingCounter(Pending[int]):
     leaves memory as it is: a count above the blocks in use only leaks space.
     """
 
-    def __init__(self, field_format: str, offset: int, target: PwriteTarget,
-                 current: Callable[[], int], file_value: int) -> None:
+    def __init__(
+        self,
+        field_format: str,
+        offset: int,
+        target: PwriteTarget,
+        current: Callable[[], int],
+        file_value: int,
+    ) -> None:
         self.field = struct.Struct(field_format)
         self.offset = offset
         self.target = target

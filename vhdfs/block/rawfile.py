@@ -11,12 +11,12 @@ import errno
 import fcntl
 import os
 import stat
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import BusyError, FormatError, UsageError, VhdfsError
 
 _ZEROS = bytes(1 << 20)
-_MAX_RUN = 8 * 1024 * 1024   # cap on one joined write of parts
+_MAX_RUN = 8 * 1024 * 1024  # cap on one joined write of parts
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -52,8 +52,12 @@ def named_errors(path: str) -> Iterator[None]:
 # a character device (/dev/zero) never ends. The one rule lives here and is used by
 # ``RawFile`` (every driver's open), ``chain.probe_format`` and the parent search.
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+)
 
 
 def refuse_kind(st: os.stat_result, path: str | os.PathLike[str]) -> None:
@@ -100,8 +104,9 @@ def open_image_fd(path: str | os.PathLike[str], writable: bool = False) -> tuple
         raise VhdfsError("permission denied" + (" (opening for writing)" if writable else ""), path) from None
     except OSError as exc:
         if exc.errno == errno.EBUSY:
-            raise BusyError("block device is in use (mounted, or held open exclusively by "
-                            "another program)", path) from None
+            raise BusyError(
+                "block device is in use (mounted, or held open exclusively by another program)", path
+            ) from None
         raise VhdfsError(exc.strerror or str(exc), path) from None
     try:
         st = os.fstat(fd)
@@ -168,7 +173,11 @@ class RawFile:
             except OSError as exc:
                 os.close(self.fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    what = "is in use by another process" if writable else "is open for writing by another process"
+                    what = (
+                        "is in use by another process"
+                        if writable
+                        else "is open for writing by another process"
+                    )
                     raise BusyError(what, path) from None
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                     raise VhdfsError(f"cannot lock: {exc.strerror}", path) from None
@@ -189,7 +198,8 @@ class RawFile:
             if not more:
                 raise FormatError(
                     f"truncated: {length} bytes expected at offset {offset}, file ends at {self.size()}",
-                    self.path)
+                    self.path,
+                )
             data += more
         return data
 
@@ -208,7 +218,7 @@ class RawFile:
         for part in parts:
             if isinstance(part, int):
                 for i in range(0, part, len(_ZEROS)):
-                    pending.append(memoryview(_ZEROS)[:min(len(_ZEROS), part - i)])
+                    pending.append(memoryview(_ZEROS)[: min(len(_ZEROS), part - i)])
                     size += len(pending[-1])
                     if size >= _MAX_RUN:
                         self.pwrite(pending[0] if len(pending) == 1 else b"".join(pending), offset)

@@ -12,7 +12,8 @@ import importlib
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import UsageError, VhdfsError
@@ -28,7 +29,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with ``only``, just that subcommand (the others' modules stay unimported)."""
     parser = argparse.ArgumentParser(
         prog="vhdfs",
-        description="Expose VHD and VDI virtual-disk images (and differencing chains) as flat raw files.")
+        description="Expose VHD and VDI virtual-disk images (and differencing chains) as flat raw files.",
+    )
     parser.add_argument("--version", action="version", version=f"vhdfs {__version__}")
     parser.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(only=_command_named(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="vhdfs: %(levelname)s: %(message)s")
+        level=logging.DEBUG if args.debug else logging.WARNING, format="vhdfs: %(levelname)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except VhdfsError as exc:
@@ -104,14 +106,23 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
     """Options every command that opens an image shares, each format's own ones included."""
     from ..block.driver import drivers
 
-    parser.add_argument("--parent-dir", action="append", default=[], metavar="DIR",
-                        help="extra folder to search for parent images (repeatable)")
+    parser.add_argument(
+        "--parent-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra folder to search for parent images (repeatable)",
+    )
     for d in drivers():
         for opt in d.options:
-            parser.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=opt.default,
-                                help=opt.help)
-    parser.add_argument("--ignore-parent-id", action="store_true",
-                        help="accept a parent whose UUID does not match the child's record")
+            parser.add_argument(
+                opt.flag, dest=opt.name, choices=opt.choices, default=opt.default, help=opt.help
+            )
+    parser.add_argument(
+        "--ignore-parent-id",
+        action="store_true",
+        help="accept a parent whose UUID does not match the child's record",
+    )
 
 
 def driver_options(args: argparse.Namespace) -> dict[str, str]:
@@ -121,14 +132,26 @@ def driver_options(args: argparse.Namespace) -> dict[str, str]:
     return {o.name: getattr(args, o.name) for d in drivers() for o in d.options if hasattr(args, o.name)}
 
 
-def open_from_args(args: argparse.Namespace, path: str, writable: bool = False, *,
-                   format: str | None = None, parent_dirs: Sequence[str] = ()) -> "Image":
+def open_from_args(
+    args: argparse.Namespace,
+    path: str,
+    writable: bool = False,
+    *,
+    format: str | None = None,
+    parent_dirs: Sequence[str] = (),
+) -> Image:
     """``open_image`` with the shared options of ``add_image_options``."""
     from ..block import open_image
 
-    return open_image(path, writable, parent_dirs=[*parent_dirs, *getattr(args, "parent_dir", ())],
-                      force=getattr(args, "force", False), format=format,
-                      ignore_parent_id=getattr(args, "ignore_parent_id", False), **driver_options(args))
+    return open_image(
+        path,
+        writable,
+        parent_dirs=[*parent_dirs, *getattr(args, "parent_dir", ())],
+        force=getattr(args, "force", False),
+        format=format,
+        ignore_parent_id=getattr(args, "ignore_parent_id", False),
+        **driver_options(args),
+    )
 
 
-__all__ = ["main", "UsageError", "add_image_options", "driver_options", "open_from_args"]
+__all__ = ["UsageError", "add_image_options", "driver_options", "main", "open_from_args"]

@@ -18,8 +18,8 @@ import json
 from typing import Any
 
 from ..block.driver import Severity
-from ..tools.check import check_image, count
 from ..errors import UsageError
+from ..tools.check import check_image, count
 from . import add_image_options, open_from_args
 
 
@@ -42,9 +42,15 @@ def run(args: argparse.Namespace) -> int:
         found = check_image(img)
     errors, leaks, notes = (count(found, sev) for sev in (Severity.ERROR, Severity.LEAK, Severity.NOTE))
     if args.json:
-        report: dict[str, Any] = {"path": chain[0], "chain": chain, "clean": errors + leaks == 0,
-                                  "errors": errors, "leaks": leaks, "notes": notes,
-                                  "findings": [f.as_dict() for f in found]}
+        report: dict[str, Any] = {
+            "path": chain[0],
+            "chain": chain,
+            "clean": errors + leaks == 0,
+            "errors": errors,
+            "leaks": leaks,
+            "notes": notes,
+            "findings": [f.as_dict() for f in found],
+        }
         print(json.dumps(report, indent=2))
     else:
         for f in found:
@@ -62,19 +68,26 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "check", help="verify an image's structures and chain",
+        "check",
+        help="verify an image's structures and chain",
         description="Verify footers, headers, block tables, bitmaps and the parent chain of an "
-                    "image; nothing is written. Exit 0 when clean, or when the only findings are "
-                    "leaks (unused space, no data at risk); exit 1 when "
-                    "problems are found; exit 3 when the image or its chain cannot be opened.")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON (keys: path, chain, clean, errors, leaks, findings)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also show notes (harmless habits of the writing tool)")
+        "image; nothing is written. Exit 0 when clean, or when the only findings are "
+        "leaks (unused space, no data at risk); exit 1 when "
+        "problems are found; exit 3 when the image or its chain cannot be opened.",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (keys: path, chain, clean, errors, leaks, findings)"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show notes (harmless habits of the writing tool)"
+    )
     parser.add_argument("image", metavar="IMAGE", help="an image of any format vhdfs reads")
-    parser.add_argument("--repair", action="store_true",
-                        help="fix what can be fixed safely in this image (never its parent), "
-                             "printing each change first, then check again")
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="fix what can be fixed safely in this image (never its parent), "
+        "printing each change first, then check again",
+    )
     parser.add_argument("--dry-run", action="store_true", help="with --repair: show the changes only")
     add_image_options(parser)
     parser.set_defaults(func=run)

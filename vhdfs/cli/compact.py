@@ -27,11 +27,13 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "compact", help="release zero blocks and shrink the image file",
+        "compact",
+        help="release zero blocks and shrink the image file",
         description="Release every block that reads the same without it (zeros, or the parent's "
-                    "data for a differencing image) and move the remaining blocks down so the "
-                    "file gets smaller. Crash-safe at every step; a second run finishes an "
-                    "interrupted one.")
+        "data for a differencing image) and move the remaining blocks down so the "
+        "file gets smaller. Crash-safe at every step; a second run finishes an "
+        "interrupted one.",
+    )
     parser.add_argument("image", metavar="IMAGE")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_image_options(parser)

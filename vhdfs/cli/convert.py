@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
-from ..tools.convert import convert, output_format
 from ..block.driver import driver, format_names
 from ..block.image import Image
 from ..errors import NotAnImageError
+from ..tools.convert import convert, output_format
 from . import add_image_options, open_from_args
 from .info import amount
 
-RAW_SUFFIXES = (".bin", ".dd", ".iso")   # besides the raw driver's own suffixes
+RAW_SUFFIXES = (".bin", ".dd", ".iso")  # besides the raw driver's own suffixes
 
 
 @contextmanager
@@ -26,8 +26,16 @@ def progress_bar(desc: str, quiet: bool = False) -> Iterator[Callable[[int, int]
     """A ``progress(done, total)`` callback drawing a byte-counting tqdm bar on stderr."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-               disable=True if quiet else None, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=0,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=True if quiet else None,
+        leave=False,
+        dynamic_ncols=True,
+    )
     state = {"done": 0}
 
     def update(done: int, total: int) -> None:
@@ -53,7 +61,9 @@ def _open_source(args: argparse.Namespace) -> Image:
             probe_format(args.src)
         except NotAnImageError as exc:
             if not driver("raw").suffix_matches(args.src) and not args.src.lower().endswith(RAW_SUFFIXES):
-                raise NotAnImageError(exc.message + "; pass --from raw to read it as a raw disk", exc.path) from None
+                raise NotAnImageError(
+                    exc.message + "; pass --from raw to read it as a raw disk", exc.path
+                ) from None
             src_format = "raw"
     if src_format == "raw":
         return open_image(args.src, format="raw")
@@ -67,32 +77,51 @@ def run(args: argparse.Namespace) -> int:
     block_size = parse_size(args.block_size, "block size") if args.block_size else None
     with _open_source(args) as src:
         with progress_bar(f"convert {os.path.basename(args.src)}", args.quiet) as progress:
-            written = convert(src, args.dst, to=fmt, type=args.type, progress=progress,
-                              overwrite=args.overwrite, block_size=block_size)
+            written = convert(
+                src,
+                args.dst,
+                to=fmt,
+                type=args.type,
+                progress=progress,
+                overwrite=args.overwrite,
+                block_size=block_size,
+            )
         size = src.size
     if not args.quiet:
-        print(f"converted {args.src} -> {args.dst} ({fmt}): {amount(size)} virtual, "
-              f"{amount(written)} of data written")
+        print(
+            f"converted {args.src} -> {args.dst} ({fmt}): {amount(size)} virtual, "
+            f"{amount(written)} of data written"
+        )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "convert", help="copy an image or chain into a new VHD, VDI or raw file",
+        "convert",
+        help="copy an image or chain into a new VHD, VDI or raw file",
         description="Copy the whole virtual disk of SRC (an image, a differencing chain read "
-                    "through all its parents, or a raw file) into a new file DST. Unallocated "
-                    "and all-zero ranges are skipped, so a dynamic or raw output stays sparse. "
-                    "A progress bar is drawn on stderr when it is a terminal. DST must not "
-                    "exist unless --overwrite is given; a failed conversion leaves no DST.")
+        "through all its parents, or a raw file) into a new file DST. Unallocated "
+        "and all-zero ranges are skipped, so a dynamic or raw output stays sparse. "
+        "A progress bar is drawn on stderr when it is a terminal. DST must not "
+        "exist unless --overwrite is given; a failed conversion leaves no DST.",
+    )
     parser.add_argument("src", metavar="SRC", help="source image (or raw file)")
     parser.add_argument("dst", metavar="DST", help="new file to write")
-    parser.add_argument("--to", choices=format_names(),
-                        help="output format (default: from DST's name)")
-    parser.add_argument("--type", choices=("dynamic", "fixed"), default="dynamic",
-                        help="output type for vhd/vdi (default dynamic; fixed VDI = static)")
+    parser.add_argument("--to", choices=format_names(), help="output format (default: from DST's name)")
+    parser.add_argument(
+        "--type",
+        choices=("dynamic", "fixed"),
+        default="dynamic",
+        help="output type for vhd/vdi (default dynamic; fixed VDI = static)",
+    )
     parser.add_argument("--block-size", metavar="N", help="block size of a dynamic output")
-    parser.add_argument("--from", dest="source_format", choices=("auto", *format_names()),
-                        default="auto", help="source format (default: probe; raw for .raw/.img names)")
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        choices=("auto", *format_names()),
+        default="auto",
+        help="source format (default: probe; raw for .raw/.img names)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     add_image_options(parser)

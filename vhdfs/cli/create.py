@@ -11,11 +11,11 @@ import os
 import re
 
 from ..block.driver import drivers
-from ..tools.create import create_image
 from ..errors import UsageError
+from ..tools.create import create_image
 from .info import amount
 
-_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4, "P": 1024 ** 5}
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
@@ -39,36 +39,60 @@ def parse_size(text: str, what: str = "size") -> int:
 def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size) if args.size is not None else None
     block_size = parse_size(args.block_size, "block size") if args.block_size is not None else None
-    create_image(args.image, format=args.format, type=args.type, size=size, parent=args.parent,
-                 block_size=block_size, sector_size=args.sector_size, overwrite=args.overwrite)
+    create_image(
+        args.image,
+        format=args.format,
+        type=args.type,
+        size=size,
+        parent=args.parent,
+        block_size=block_size,
+        sector_size=args.sector_size,
+        overwrite=args.overwrite,
+    )
     from ..block import open_image
 
     with open_image(args.image, parent_dirs=()) as img:
-        print(f"created {os.path.abspath(args.image)}: {img.format} {img.type}, "
-              f"{amount(img.size)}")
+        print(f"created {os.path.abspath(args.image)}: {img.format} {img.type}, {amount(img.size)}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "create", help="create a new empty image",
+        "create",
+        help="create a new empty image",
         description="Create a new empty image: a fixed, dynamic or differencing VHD, or a "
-                    "dynamic or fixed (static) VDI. The format comes from --format, else the "
-                    "parent's format, else the file name (.vhd/.vdi), else VHD. A differencing "
-                    "image takes its size from its parent. An existing file is never replaced "
-                    "unless --overwrite is given.")
-    parser.add_argument("--format", choices=[d.name for d in drivers() if d.create is not None],
-                        help="image format (default: from the parent, else the name, else vhd)")
-    parser.add_argument("--type", choices=("fixed", "dynamic", "differencing"),
-                        help="image type (default: differencing with --parent, else dynamic)")
-    parser.add_argument("--size", metavar="SIZE",
-                        help="virtual size: bytes, or with a K/M/G/T suffix (powers of 1024), e.g. 10G")
+        "dynamic or fixed (static) VDI. The format comes from --format, else the "
+        "parent's format, else the file name (.vhd/.vdi), else VHD. A differencing "
+        "image takes its size from its parent. An existing file is never replaced "
+        "unless --overwrite is given.",
+    )
+    parser.add_argument(
+        "--format",
+        choices=[d.name for d in drivers() if d.create is not None],
+        help="image format (default: from the parent, else the name, else vhd)",
+    )
+    parser.add_argument(
+        "--type",
+        choices=("fixed", "dynamic", "differencing"),
+        help="image type (default: differencing with --parent, else dynamic)",
+    )
+    parser.add_argument(
+        "--size",
+        metavar="SIZE",
+        help="virtual size: bytes, or with a K/M/G/T suffix (powers of 1024), e.g. 10G",
+    )
     parser.add_argument("--parent", metavar="PARENT", help="parent image of a differencing child")
-    parser.add_argument("--block-size", metavar="N",
-                        help="block size of a dynamic image, a power of two (K/M suffixes; "
-                             "default 2M for VHD, 1M for VDI)")
-    parser.add_argument("--sector-size", type=int, metavar="N",
-                        help="logical sector size where the format has a choice (VHDX: 512 or 4096)")
+    parser.add_argument(
+        "--block-size",
+        metavar="N",
+        help="block size of a dynamic image, a power of two (K/M suffixes; default 2M for VHD, 1M for VDI)",
+    )
+    parser.add_argument(
+        "--sector-size",
+        type=int,
+        metavar="N",
+        help="logical sector size where the format has a choice (VHDX: 512 or 4096)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace IMAGE if it exists")
     parser.add_argument("image", metavar="IMAGE", help="the file to create")
     parser.set_defaults(func=run)

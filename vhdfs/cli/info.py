@@ -19,8 +19,17 @@ from typing import Any
 from . import add_image_options, open_from_args
 
 # Keys of ``describe()`` shown first in the text form, in this order, when a driver gives them.
-_TEXT_ORDER = ("block_size", "allocated_blocks", "total_blocks", "creator_app", "creator_version",
-               "creator_os", "uuid", "parent_uuid", "parent_name")
+_TEXT_ORDER = (
+    "block_size",
+    "allocated_blocks",
+    "total_blocks",
+    "creator_app",
+    "creator_version",
+    "creator_os",
+    "uuid",
+    "parent_uuid",
+    "parent_name",
+)
 
 
 def human_size(n: int) -> str:
@@ -46,7 +55,7 @@ def amount(n: int) -> str:
 def iso_utc(unix_seconds: int) -> str:
     """``2021-07-22T14:07:35Z``: ISO 8601 in UTC, as qemu-img and Windows tools show dates."""
     try:
-        when = datetime.datetime.fromtimestamp(unix_seconds, datetime.timezone.utc)
+        when = datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC)
     except (OverflowError, OSError, ValueError):
         return str(unix_seconds)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -100,13 +109,23 @@ def _fmt_value(key: str, value: Any) -> str:
 
 
 def _text(info: dict[str, Any]) -> str:
-    lines = [f"image: {info['path']}",
-             f"format: {info['format']}",
-             f"type: {info['type']}",
-             f"virtual size: {info['virtual_size']} ({info['virtual_size_human']})",
-             f"allocated: {_fmt_value('allocated_bytes', info['allocated_bytes'])}"]
-    skip = {"path", "format", "type", "virtual_size", "virtual_size_human", "allocated_bytes",
-            "chain", "layers"}
+    lines = [
+        f"image: {info['path']}",
+        f"format: {info['format']}",
+        f"type: {info['type']}",
+        f"virtual size: {info['virtual_size']} ({info['virtual_size_human']})",
+        f"allocated: {_fmt_value('allocated_bytes', info['allocated_bytes'])}",
+    ]
+    skip = {
+        "path",
+        "format",
+        "type",
+        "virtual_size",
+        "virtual_size_human",
+        "allocated_bytes",
+        "chain",
+        "layers",
+    }
     keys = [k for k in _TEXT_ORDER if k in info] + sorted(k for k in info if k not in _TEXT_ORDER)
     for key in keys:
         if key not in skip and not (key.endswith("timestamp_iso") and key[:-4] in info):
@@ -114,8 +133,10 @@ def _text(info: dict[str, Any]) -> str:
     if len(info["layers"]) > 1:
         lines.append(f"chain ({len(info['layers'])} images, top first):")
         for depth, layer in enumerate(info["layers"]):
-            lines.append(f"  [{depth}] {layer['path']}  {layer['format']} {layer['type']}"
-                         f"  uuid {layer['uuid'] or '-'}  allocated {human_size(layer['allocated_bytes'])}")
+            lines.append(
+                f"  [{depth}] {layer['path']}  {layer['format']} {layer['type']}"
+                f"  uuid {layer['uuid'] or '-'}  allocated {human_size(layer['allocated_bytes'])}"
+            )
     return "\n".join(lines)
 
 
@@ -128,12 +149,17 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "info", help="show an image's format, size and chain",
+        "info",
+        help="show an image's format, size and chain",
         description="Show what an image is: format, type, virtual size, block size, allocated "
-                    "blocks, creator, UUID and, for a differencing image, the whole chain of "
-                    "parents (top first). Nothing is written.")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON (keys: format, type, virtual_size, chain, layers, ...)")
+        "blocks, creator, UUID and, for a differencing image, the whole chain of "
+        "parents (top first). Nothing is written.",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (keys: format, type, virtual_size, chain, layers, ...)",
+    )
     parser.add_argument("image", metavar="IMAGE", help="a VHD or VDI image")
     add_image_options(parser)
     parser.set_defaults(func=run)

@@ -14,8 +14,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError, VhdfsError
 from ..block.driver import format_names
+from ..errors import UsageError
 from . import add_image_options, driver_options, open_from_args
 
 if TYPE_CHECKING:
@@ -25,28 +25,57 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mount", help="expose images as raw files in a folder (FUSE)",
-                       usage="vhdfs mount [options] IMAGE [IMAGE ...] MOUNTPOINT",
-                       description="Mount IMAGE... at MOUNTPOINT: each image appears as <stem>.raw, "
-                                   "each of its partitions as <stem>-p<N>.raw. Read-only unless -w.")
-    p.add_argument("paths", nargs="+", metavar="IMAGE",
-                   help="one or more images, then the mountpoint (an existing empty folder)")
+    p = sub.add_parser(
+        "mount",
+        help="expose images as raw files in a folder (FUSE)",
+        usage="vhdfs mount [options] IMAGE [IMAGE ...] MOUNTPOINT",
+        description="Mount IMAGE... at MOUNTPOINT: each image appears as <stem>.raw, "
+        "each of its partitions as <stem>-p<N>.raw. Read-only unless -w.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="IMAGE",
+        help="one or more images, then the mountpoint (an existing empty folder)",
+    )
     p.add_argument("-w", "--rw", action="store_true", help="allow writes to the images")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)")
-    p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="FUSE mount options, e.g. allow_other")
-    p.add_argument("--cache", action="store_true",
-                   help="keep attributes long on writable mounts too (the kernel page cache is the default)")
-    p.add_argument("--direct-io", action="store_true",
-                   help="bypass the kernel page cache: every read reaches the daemon (no double caching)")
-    p.add_argument("--no-partitions", action="store_true", help="do not expose <stem>-p<N>.raw partition files")
-    p.add_argument("--snapshot", action="store_true",
-                   help="writes go to a new differencing child; the image itself never changes")
+    p.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)"
+    )
+    p.add_argument(
+        "-o",
+        dest="fuse_options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="FUSE mount options, e.g. allow_other",
+    )
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="keep attributes long on writable mounts too (the kernel page cache is the default)",
+    )
+    p.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="bypass the kernel page cache: every read reaches the daemon (no double caching)",
+    )
+    p.add_argument(
+        "--no-partitions", action="store_true", help="do not expose <stem>-p<N>.raw partition files"
+    )
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="writes go to a new differencing child; the image itself never changes",
+    )
     p.add_argument("--keep", metavar="CHILD", help="with --snapshot: keep the child at this path")
-    p.add_argument("--format", choices=("auto", *format_names()), default="auto",
-                   help="image format (default: probe); raw exposes a plain disk file")
+    p.add_argument(
+        "--format",
+        choices=("auto", *format_names()),
+        default="auto",
+        help="image format (default: probe); raw exposes a plain disk file",
+    )
     p.add_argument("--force", action="store_true", help="open images with bad checksums for writing")
     add_image_options(p)
     p.set_defaults(func=run)
@@ -79,9 +108,11 @@ def _split(args: argparse.Namespace) -> tuple[list[str], str]:
 def check_mountpoint(mountpoint: str) -> None:
     """The mountpoint must be an empty folder that is not already a mount."""
     from ..service.state import vhdfs_mounts
+
     if os.path.abspath(mountpoint) in vhdfs_mounts() and not os.path.exists(mountpoint):
-        raise UsageError("a vhdfs mount whose daemon has died is still here; "
-                         "run 'vhdfs umount' on it first", mountpoint)
+        raise UsageError(
+            "a vhdfs mount whose daemon has died is still here; run 'vhdfs umount' on it first", mountpoint
+        )
     if not os.path.exists(mountpoint):
         raise UsageError("mountpoint does not exist", mountpoint)
     if not os.path.isdir(mountpoint):
@@ -96,7 +127,7 @@ def _fuse_opts(args: argparse.Namespace) -> list[str]:
     return [o.strip() for group in args.fuse_options for o in group.split(",") if o.strip()]
 
 
-def _open(args: argparse.Namespace, path: str, writable: bool) -> "Image":
+def _open(args: argparse.Namespace, path: str, writable: bool) -> Image:
     return open_from_args(args, path, writable, format=None if args.format == "auto" else args.format)
 
 
@@ -118,15 +149,21 @@ def _validate(args: argparse.Namespace, images: list[str]) -> None:
             ex.image.close()
 
 
-def _snapshot(args: argparse.Namespace, path: str) -> "Exposed":
+def _snapshot(args: argparse.Namespace, path: str) -> Exposed:
     """Create the differencing child over ``path``'s chain and open it writable."""
     from ..aio.export import Exposed
     from ..service.snapshot import create_snapshot, stem
 
     with _open(args, path, False) as base:
-        pass   # the whole chain opens: the child is never made over a broken one
-    snap = create_snapshot(base, keep=args.keep, parent_dirs=args.parent_dir, force=args.force,
-                           ignore_parent_id=args.ignore_parent_id, **driver_options(args))
+        pass  # the whole chain opens: the child is never made over a broken one
+    snap = create_snapshot(
+        base,
+        keep=args.keep,
+        parent_dirs=args.parent_dir,
+        force=args.force,
+        ignore_parent_id=args.ignore_parent_id,
+        **driver_options(args),
+    )
     return Exposed(stem(path), snap.image, True, temp_child=snap.temp_child, snapshot=True)
 
 
@@ -151,13 +188,18 @@ def _serve(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
             if ex.temp_child:
                 os.unlink(ex.temp_child)
         raise
-    return serve(files, mountpoint, cache=args.cache, direct_io=args.direct_io, extra_options=_fuse_opts(args))
+    return serve(
+        files, mountpoint, cache=args.cache, direct_io=args.direct_io, extra_options=_fuse_opts(args)
+    )
 
 
 def _configure_daemon_logging(debug: bool) -> None:
     """Info-level logs to stderr; journald adds its own timestamps, a log file needs ours."""
-    fmt = "vhdfs: %(levelname)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s vhdfs[%(process)d] %(levelname)s: %(message)s"
+    fmt = (
+        "vhdfs: %(levelname)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else "%(asctime)s vhdfs[%(process)d] %(levelname)s: %(message)s"
+    )
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, force=True)
 
 
@@ -168,10 +210,15 @@ def _child_argv(args: argparse.Namespace, images: list[str], mountpoint: str) ->
     argv += ["mount", "--foreground", "--format", args.format]
     for name, value in driver_options(args).items():
         argv += [_flag(name), value]
-    for flag, on in (("--rw", args.rw), ("--cache", args.cache), ("--direct-io", args.direct_io),
-                     ("--no-partitions", args.no_partitions),
-                     ("--snapshot", args.snapshot), ("--force", args.force),
-                     ("--ignore-parent-id", args.ignore_parent_id)):
+    for flag, on in (
+        ("--rw", args.rw),
+        ("--cache", args.cache),
+        ("--direct-io", args.direct_io),
+        ("--no-partitions", args.no_partitions),
+        ("--snapshot", args.snapshot),
+        ("--force", args.force),
+        ("--ignore-parent-id", args.ignore_parent_id),
+    ):
         if on:
             argv.append(flag)
     if args.keep:
@@ -186,6 +233,7 @@ def _child_argv(args: argparse.Namespace, images: list[str], mountpoint: str) ->
 
 def _flag(option: str) -> str:
     from ..block.driver import drivers
+
     return next(o.flag for d in drivers() for o in d.options if o.name == option)
 
 

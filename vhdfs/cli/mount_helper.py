@@ -18,10 +18,37 @@ import sys
 from ..errors import UsageError
 from . import main as vhdfs_main
 
-PASS_THROUGH = {"allow_other", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
-                "relatime", "norelatime", "sync", "async", "dirsync", "auto_unmount"}
-IGNORED = {"defaults", "auto", "noauto", "nofail", "user", "users", "owner", "group", "_netdev",
-           "nouser", "default_permissions", "loop"}
+PASS_THROUGH = {
+    "allow_other",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "noatime",
+    "atime",
+    "relatime",
+    "norelatime",
+    "sync",
+    "async",
+    "dirsync",
+    "auto_unmount",
+}
+IGNORED = {
+    "defaults",
+    "auto",
+    "noauto",
+    "nofail",
+    "user",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nouser",
+    "default_permissions",
+    "loop",
+}
 
 
 def translate(spec: str, directory: str, options: str, sloppy: bool = False) -> list[str]:

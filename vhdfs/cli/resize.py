@@ -27,14 +27,17 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "resize", help="grow or shrink an image in place",
+        "resize",
+        help="grow or shrink an image in place",
         description="Change an image's virtual size in place. SIZE is absolute (20G) or relative "
-                    "(+1G, -512M; K/M/G/T suffixes). Growing adds a tail that reads as zeros; "
-                    "shrinking is refused unless every byte cut away reads as zero. A kill at any "
-                    "point leaves the old or the new size with the same content.")
+        "(+1G, -512M; K/M/G/T suffixes). Growing adds a tail that reads as zeros; "
+        "shrinking is refused unless every byte cut away reads as zero. A kill at any "
+        "point leaves the old or the new size with the same content.",
+    )
     parser.add_argument("image", metavar="IMAGE")
     parser.add_argument("size", metavar="SIZE")
-    parser.add_argument("--force", action="store_true",
-                        help="resize even though a differencing child names this image")
+    parser.add_argument(
+        "--force", action="store_true", help="resize even though a differencing child names this image"
+    )
     add_image_options(parser)
     parser.set_defaults(func=run)

@@ -19,8 +19,11 @@ EXIT_TIMEOUT = 120.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("umount", help="unmount a vhdfs mount after flushing every image",
-                       description="Unmount MOUNTPOINT, wait until the daemon has flushed and exited.")
+    p = sub.add_parser(
+        "umount",
+        help="unmount a vhdfs mount after flushing every image",
+        description="Unmount MOUNTPOINT, wait until the daemon has flushed and exited.",
+    )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=run)
 
@@ -37,15 +40,20 @@ def run(args: argparse.Namespace) -> int:
     pid = int(record.get("pid", 0))
     unmount(mountpoint)
     if not pid:
-        raise VhdfsError("unmounted, but no daemon was recorded for it: cannot confirm its writes are durable",
-                         mountpoint)
+        raise VhdfsError(
+            "unmounted, but no daemon was recorded for it: cannot confirm its writes are durable", mountpoint
+        )
     if not wait_for_exit(pid, EXIT_TIMEOUT):
-        raise VhdfsError(f"unmounted, but daemon {pid} is still flushing after {EXIT_TIMEOUT:.0f} s", mountpoint)
+        raise VhdfsError(
+            f"unmounted, but daemon {pid} is still flushing after {EXIT_TIMEOUT:.0f} s", mountpoint
+        )
     verdict = state.read(mountpoint, ".exit")
     state.remove(mountpoint, ".exit")
     if verdict is None or verdict.get("pid") != pid:
-        raise VhdfsError(f"daemon {pid} exited without a clean shutdown; writes since the last fsync may be lost",
-                         mountpoint)
+        raise VhdfsError(
+            f"daemon {pid} exited without a clean shutdown; writes since the last fsync may be lost",
+            mountpoint,
+        )
     if not verdict.get("clean"):
         log_path = state.path_for(mountpoint, ".log")
         raise VhdfsError(f"flushing the images failed (see {log_path})", mountpoint)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..block.driver import NO, Driver, Limits, ProbeData
 from ..block.extent import Extent, Kind
@@ -11,8 +11,7 @@ from ..block.rawfile import RawFile
 
 
 class RawImage(Image):
-
-    file: RawFile   # always open (narrows Image.file)
+    file: RawFile  # always open (narrows Image.file)
     format = "raw"
     type = "fixed"
 
@@ -42,5 +41,12 @@ def open_layer(path: str, options: OpenOptions) -> RawImage:
     return RawImage(path, options.writable)
 
 
-DRIVER = Driver(name="raw", title="raw", suffixes=(".raw", ".img"), probe=probe,
-                open_layer=open_layer, create=None, limits=Limits(max_size=2 ** 63 - 1, types=("fixed",)))
+DRIVER = Driver(
+    name="raw",
+    title="raw",
+    suffixes=(".raw", ".img"),
+    probe=probe,
+    open_layer=open_layer,
+    create=None,
+    limits=Limits(max_size=2**63 - 1, types=("fixed",)),
+)

@@ -12,21 +12,21 @@ import faulthandler
 import logging
 import os
 import signal
-from typing import Iterable
+from collections.abc import Iterable
 
 import pyfuse3
 import trio
 
+from ..aio.export import Export
 from ..errors import VhdfsError
 from ..service import state
 from .operations import VhdfsOperations
-from ..aio.export import Export, Exposed, build_exports
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
-READAHEAD_KB = 4096     # the mount's readahead (the kernel's FUSE default is 128 KiB)
-COMMIT_INTERVAL = 1.0   # seconds between background commits of pending metadata (group commit)
+READAHEAD_KB = 4096  # the mount's readahead (the kernel's FUSE default is 128 KiB)
+COMMIT_INTERVAL = 1.0  # seconds between background commits of pending metadata (group commit)
 
 
 def fuse_options(writable: bool, extra: Iterable[str] = ()) -> set[str]:
@@ -41,8 +41,14 @@ def fuse_options(writable: bool, extra: Iterable[str] = ()) -> set[str]:
     return opts
 
 
-def serve(files: list[Export], mountpoint: str, *, cache: bool = False, direct_io: bool = False,
-          extra_options: Iterable[str] = ()) -> int:
+def serve(
+    files: list[Export],
+    mountpoint: str,
+    *,
+    cache: bool = False,
+    direct_io: bool = False,
+    extra_options: Iterable[str] = (),
+) -> int:
     """Mount, serve until unmounted or SIGTERM/SIGINT, then flush and close every image.
 
     Returns 0 only when every image was flushed and closed without error.
@@ -101,7 +107,7 @@ async def _main(ops: VhdfsOperations, mountpoint: str, files: list[Export]) -> N
         await nursery.start(_watch_signals)
         nursery.start_soon(_announce_ready, ops, mountpoint, files)
         for shared in ops.shared_images:
-            if shared.writable:     # group commit: pending metadata reaches the file within ~1 s
+            if shared.writable:  # group commit: pending metadata reaches the file within ~1 s
                 nursery.start_soon(shared.run_committer, COMMIT_INTERVAL)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -135,12 +141,17 @@ async def _announce_ready(ops: VhdfsOperations, mountpoint: str, files: list[Exp
         pyfuse3.terminate()
         return
     if len(ops.direct_io_inodes) < len(files):
-        _raise_readahead(mountpoint)    # after FUSE_INIT, whose reply resets it
-    state.write(mountpoint, ".json", {
-        "pid": os.getpid(), "mountpoint": mountpoint,
-        "images": [s.image.path for s in ops.shared_images],
-        "writable": any(s.writable for s in ops.shared_images),
-    })
+        _raise_readahead(mountpoint)  # after FUSE_INIT, whose reply resets it
+    state.write(
+        mountpoint,
+        ".json",
+        {
+            "pid": os.getpid(),
+            "mountpoint": mountpoint,
+            "images": [s.image.path for s in ops.shared_images],
+            "writable": any(s.writable for s in ops.shared_images),
+        },
+    )
     state.remove(mountpoint, ".exit")
     state.prune()
     names = ", ".join(f.name for f in files)

@@ -16,28 +16,32 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
-from ..errors import VhdfsError
+from ..aio.access import changed
 from ..aio.export import Export
 from ..aio.image import AsyncImage
-from ..aio.access import changed
+from ..errors import VhdfsError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 ROOT = pyfuse3.ROOT_INODE
 
 
-def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """The single error-mapping wrapper of every FUSE handler."""
+def _guard(
+    fn: Callable[Concatenate[VhdfsOperations, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[VhdfsOperations, P], Coroutine[Any, Any, T]]:
+    """The single error-mapping wrapper of every FUSE handler (keeps the handler's signature)."""
 
     @functools.wraps(fn)
-    async def wrapper(self: "VhdfsOperations", *args: Any) -> T:
+    async def wrapper(self: VhdfsOperations, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await fn(self, *args)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except VhdfsError as exc:
@@ -76,8 +80,11 @@ class VhdfsOperations(pyfuse3.Operations):
         for ino, f in self.files.items():
             by_image.setdefault(id(f.shared), []).append(ino)
         self.direct_io_inodes: set[int] = {
-            ino for inos in by_image.values() for ino in inos
-            if direct_io or (self.files[ino].writable and len(inos) > 1)}
+            ino
+            for inos in by_image.values()
+            for ino in inos
+            if direct_io or (self.files[ino].writable and len(inos) > 1)
+        }
         # Sizes never change and st_blocks only grows with writes: attributes may be kept long
         # on read-only mounts (fewer getattr round trips); --cache keeps them long everywhere.
         self.attr_timeout = 300.0 if cache or not any(f.writable for f in files) else 1.0
@@ -136,7 +143,7 @@ class VhdfsOperations(pyfuse3.Operations):
             entry.st_blocks = 0
             return entry
         f = self._file(inode)
-        access = f.access.for_writable(f.writable)     # the image's owner and bits (aio/access.py)
+        access = f.access.for_writable(f.writable)  # the image's owner and bits (aio/access.py)
         entry.st_mode = stat.S_IFREG | access.mode
         entry.st_uid = access.uid
         entry.st_gid = access.gid
@@ -152,7 +159,9 @@ class VhdfsOperations(pyfuse3.Operations):
         return await self._attrs(inode)
 
     @_guard
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
@@ -167,8 +176,14 @@ class VhdfsOperations(pyfuse3.Operations):
         return None
 
     @_guard
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         """Timestamps are accepted (``touch`` works) and ignored; the size is fixed. A file's mode
         and owner change in memory as ``aio.access.changed`` allows (its owner or root; never
         a write bit on a read-only file); the folder's are fixed."""
@@ -182,14 +197,24 @@ class VhdfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS if not f.writable else errno.EPERM)
         if want_access:
             try:
-                f.access = changed(f.access, ctx.uid, f.writable,
-                                   mode=attr.st_mode if fields.update_mode else None,
-                                   uid=attr.st_uid if fields.update_uid else None,
-                                   gid=attr.st_gid if fields.update_gid else None)
-            except OSError as exc:      # a refusal, not a fault: no warning in the log
-                raise pyfuse3.FUSEError(exc.errno) from None
-            log.info("%s: now mode %04o, owner %d:%d (by uid %d)", f.name, f.access.mode,
-                     f.access.uid, f.access.gid, ctx.uid)
+                f.access = changed(
+                    f.access,
+                    ctx.uid,
+                    f.writable,
+                    mode=attr.st_mode if fields.update_mode else None,
+                    uid=attr.st_uid if fields.update_uid else None,
+                    gid=attr.st_gid if fields.update_gid else None,
+                )
+            except OSError as exc:  # a refusal, not a fault: no warning in the log
+                raise pyfuse3.FUSEError(exc.errno or errno.EPERM) from None
+            log.info(
+                "%s: now mode %04o, owner %d:%d (by uid %d)",
+                f.name,
+                f.access.mode,
+                f.access.uid,
+                f.access.gid,
+                ctx.uid,
+            )
         return await self._attrs(inode)
 
     @_guard
@@ -263,9 +288,7 @@ class VhdfsOperations(pyfuse3.Operations):
 
     @_guard
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        if inode != ROOT and mode & os.W_OK and not self._file(inode).writable:
-            return False
-        return True
+        return not (inode != ROOT and mode & os.W_OK and not self._file(inode).writable)
 
     # -- a fixed directory: nothing is created, removed or renamed ---------------------------
 
@@ -273,11 +296,15 @@ class VhdfsOperations(pyfuse3.Operations):
         return pyfuse3.FUSEError(errno.EPERM if self._any_writable() else errno.EROFS)
 
     @_guard
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> Any:
         raise self._fixed()
 
     @_guard
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Any:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> Any:
         raise self._fixed()
 
     @_guard
@@ -293,14 +320,25 @@ class VhdfsOperations(pyfuse3.Operations):
         raise self._fixed()
 
     @_guard
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         raise self._fixed()
 
     @_guard
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> Any:
         raise self._fixed()
 
     @_guard
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> Any:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> Any:
         raise self._fixed()

@@ -32,8 +32,9 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import ClassVar
 
 from ..block.chain import open_image
 from ..block.exports import Exposed, Window, plan_exports
@@ -44,7 +45,7 @@ from ..errors import ReadOnlyError, UsageError, VhdfsError
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
-EXTENTS_SPAN = 1 << 30        # one block-status reply covers at most this much (clients ask again)
+EXTENTS_SPAN = 1 << 30  # one block-status reply covers at most this much (clients ask again)
 ZERO_CHUNK = 1 << 20
 
 
@@ -66,18 +67,18 @@ class Config:
     reads, so ``vhdfs serve`` and a hand-written ``nbdkit python plugin.py ...`` agree.
     """
 
-    images: list[list[str | None]] = field(default_factory=list)   # [path, name or None]
+    images: list[list[str | None]] = field(default_factory=list)  # [path, name or None]
     writable: bool = False
     parent_dirs: list[str] = field(default_factory=list)
     force: bool = False
     ignore_parent_id: bool = False
     format: str | None = None
     partitions: bool = True
-    options: dict[str, str] = field(default_factory=dict)   # driver options (size_rule=chs)
-    verdict: str | None = None        # where cleanup records whether every image closed cleanly
+    options: dict[str, str] = field(default_factory=dict)  # driver options (size_rule=chs)
+    verdict: str | None = None  # where cleanup records whether every image closed cleanly
     commit_interval: float = 1.0
 
-    _BOOLS = {"writable", "force", "ignore_parent_id", "partitions"}
+    _BOOLS: ClassVar[frozenset[str]] = frozenset({"writable", "force", "ignore_parent_id", "partitions"})
 
     def apply(self, key: str, value: str) -> None:
         key = key.replace("-", "_")
@@ -101,6 +102,7 @@ class Config:
             self.commit_interval = float(value)
         else:
             from ..block.driver import drivers
+
             if key not in {o.name for d in drivers() for o in d.options}:
                 raise UsageError(f"unknown parameter {key}=")
             self.options[key] = value
@@ -134,8 +136,16 @@ class Config:
         opened: list[Exposed] = []
         try:
             for path, name in self.images:
-                img = open_image(path, self.writable, parent_dirs=self.parent_dirs, force=self.force,
-                                 ignore_parent_id=self.ignore_parent_id, format=self.format, **self.options)
+                assert path is not None  # only a name may be None
+                img = open_image(
+                    path,
+                    self.writable,
+                    parent_dirs=self.parent_dirs,
+                    force=self.force,
+                    ignore_parent_id=self.ignore_parent_id,
+                    format=self.format,
+                    **self.options,
+                )
                 opened.append(Exposed(name or stem(path), img, self.writable))
         except BaseException:
             for ex in opened:
@@ -159,7 +169,7 @@ class Shared:
             return
         try:
             self.image.commit()
-        except Exception as exc:  # noqa: BLE001 - reported at the next flush
+        except Exception as exc:
             log.error("%s: background commit failed: %s", self.image.path, exc)
             with self.latch:
                 self.commit_failed = exc
@@ -228,12 +238,12 @@ class Server:
     def wake_committer(self) -> None:
         self._wake.set()
 
-    def connect(self, name: str, readonly: bool) -> "Handle":
+    def connect(self, name: str, readonly: bool) -> Handle:
         """A handle on export ``name`` ('' is the default); ENOENT for a name we do not serve."""
         self.start_committer()
         w = self.by_name.get(name or self.default_export)
         if w is None and name.endswith(".raw"):
-            w = self.by_name.get(name[:-4])   # the mount's file name works too
+            w = self.by_name.get(name[:-4])  # the mount's file name works too
         if w is None:
             raise OSError(errno.ENOENT, f"no export called {name!r}")
         return Handle(self, w, readonly or not w.exposed.writable)
@@ -249,12 +259,12 @@ class Server:
             s = self.shared[id(ex)]
             try:
                 s.flush()
-            except Exception as exc:  # noqa: BLE001 - keep closing the others
+            except Exception as exc:
                 ok = False
                 log.error("%s: flush failed: %s", ex.image.path, exc)
             try:
                 ex.image.close()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 ok = False
                 log.error("%s: close failed: %s", ex.image.path, exc)
         if self.config.verdict:
@@ -344,7 +354,7 @@ class Handle:
         else:
             for e in list(self.image.extents(base, n)):
                 if e.kind != Kind.DATA:
-                    continue   # reads as zeros already
+                    continue  # reads as zeros already
                 pos = e.offset
                 while pos < e.end:
                     k = min(ZERO_CHUNK, e.end - pos)
@@ -376,5 +386,5 @@ def _zero_fill(view: memoryview, start: int, length: int) -> None:
     pos, end = start, start + length
     while pos < end:
         k = min(len(_ZEROS), end - pos)
-        view[pos:pos + k] = _ZEROS[:k]
+        view[pos : pos + k] = _ZEROS[:k]
         pos += k

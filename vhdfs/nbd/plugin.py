@@ -23,13 +23,14 @@ from vhdfs.nbd.backend import Config, Server, errno_of
 API_VERSION = 2
 
 _config = Config()
-_server = None   # set at get_ready: one Server (one Image per file) for every connection
+_server = None  # set at get_ready: one Server (one Image per file) for every connection
 
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="vhdfs-nbd: %(levelname)s: %(message)s")
 
 
 def _errors(fn):
     """Report an exception to nbdkit as its errno, then re-raise it (nbdkit logs it)."""
+
     @functools.wraps(fn)
     def wrapper(*args):
         try:
@@ -37,10 +38,12 @@ def _errors(fn):
         except Exception as exc:
             nbdkit.set_error(errno_of(exc))
             raise
+
     return wrapper
 
 
 # -- life of the server -----------------------------------------------------------------------
+
 
 @_errors
 def config(key, value):
@@ -56,6 +59,12 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+def _ready() -> Server:
+    """The server ``get_ready`` made (nbdkit calls nothing else before it)."""
+    assert _server is not None
+    return _server
+
+
 @_errors
 def get_ready():
     global _server
@@ -63,7 +72,7 @@ def get_ready():
 
 
 def after_fork():
-    _server.start_committer()
+    _ready().start_committer()
 
 
 def cleanup():
@@ -72,22 +81,23 @@ def cleanup():
 
 
 def list_exports(readonly, is_tls):
-    return _server.list_exports()
+    return _ready().list_exports()
 
 
 def default_export(readonly, is_tls):
-    return _server.default_export
+    return _ready().default_export
 
 
 # -- connections ------------------------------------------------------------------------------
 
+
 @_errors
 def open(readonly):
-    return _server.connect(nbdkit.export_name(), readonly)
+    return _ready().connect(nbdkit.export_name(), readonly)
 
 
 def export_description(h):
-    return _server.describe(h.window)
+    return _ready().describe(h.window)
 
 
 def get_size(h):
@@ -134,6 +144,7 @@ def can_multi_conn(h):
 
 # -- requests ---------------------------------------------------------------------------------
 
+
 @_errors
 def pread(h, buf, offset, flags):
     h.pread(buf, offset)
@@ -162,5 +173,7 @@ def zero(h, count, offset, flags):
 @_errors
 def extents(h, count, offset, flags):
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-    return [(off, length, hole if is_zero else 0)
-            for off, length, is_zero in h.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))]
+    return [
+        (off, length, hole if is_zero else 0)
+        for off, length, is_zero in h.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))
+    ]

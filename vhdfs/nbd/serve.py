@@ -60,7 +60,7 @@ class Listen:
         try:
             return ipaddress.ip_address(self.bind).is_loopback
         except ValueError:
-            return False   # a host name: we cannot tell, so treat it as the network
+            return False  # a host name: we cannot tell, so treat it as the network
 
     def uri(self, export: str = "", tls: bool = False) -> str:
         scheme = "nbds" if tls else "nbd"
@@ -88,7 +88,7 @@ class Listen:
             try:
                 s.connect(self.unix)
             except OSError:
-                os.unlink(self.unix)   # stale: left by a server that died
+                os.unlink(self.unix)  # stale: left by a server that died
                 return
         raise UsageError("another server is listening on this socket", self.unix)
 
@@ -100,7 +100,9 @@ def nbdkit_path() -> str:
         raise VhdfsError("nbdkit is not installed (Debian: apt-get install nbdkit nbdkit-plugin-python)")
     probe = subprocess.run([exe, "python", "--version"], capture_output=True, timeout=30)
     if probe.returncode != 0:
-        raise VhdfsError("nbdkit's Python plugin is not installed (Debian: apt-get install nbdkit-plugin-python)")
+        raise VhdfsError(
+            "nbdkit's Python plugin is not installed (Debian: apt-get install nbdkit-plugin-python)"
+        )
     return exe
 
 
@@ -121,11 +123,18 @@ def plugin_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths + ([old] if old else [])))
 
 
-def nbdkit_argv(exe: str, config: Config, listen: Listen, *, pidfile: str,
-                tls_psk: str | None = None, verbose: bool = False) -> list[str]:
+def nbdkit_argv(
+    exe: str,
+    config: Config,
+    listen: Listen,
+    *,
+    pidfile: str,
+    tls_psk: str | None = None,
+    verbose: bool = False,
+) -> list[str]:
     argv = [exe, "-f", "--exit-with-parent", *listen.nbdkit_args(), "-P", pidfile]
     if not config.writable:
-        argv.append("-r")            # nbdkit itself refuses writes, trim and zero
+        argv.append("-r")  # nbdkit itself refuses writes, trim and zero
     if tls_psk:
         argv += ["--tls=require", f"--tls-psk={tls_psk}"]
     if verbose:
@@ -154,9 +163,16 @@ def _share_socket(path: str, access: Access) -> None:
     os.chmod(path, socket_mode(access))
 
 
-def run(config: Config, listen: Listen, *, tls_psk: str | None = None, verbose: bool = False,
-        temp_children: list[str] | None = None, pidfile: str | None = None,
-        named: list[str] | None = None) -> int:
+def run(
+    config: Config,
+    listen: Listen,
+    *,
+    tls_psk: str | None = None,
+    verbose: bool = False,
+    temp_children: list[str] | None = None,
+    pidfile: str | None = None,
+    named: list[str] | None = None,
+) -> int:
     """Serve until nbdkit stops (SIGTERM/SIGINT/SIGHUP to us stop it); 0 when all is durable."""
     exe = nbdkit_path()
     listen.prepare()
@@ -176,8 +192,14 @@ def run(config: Config, listen: Listen, *, tls_psk: str | None = None, verbose: 
     try:
         argv = nbdkit_argv(exe, config, listen, pidfile=nbdkit_pidfile, tls_psk=tls_psk, verbose=verbose)
         log.debug("running %s", " ".join(argv))
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 env=plugin_env(), close_fds=True, umask=0o077)
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=plugin_env(),
+            close_fds=True,
+            umask=0o077,
+        )
         relay = _Relay(child.stderr)
         if stopping:
             child.send_signal(signal.SIGTERM)
@@ -187,13 +209,21 @@ def run(config: Config, listen: Listen, *, tls_psk: str | None = None, verbose: 
             relay.join()
             raise VhdfsError(f"nbdkit could not start: {relay.last or f'exit status {child.returncode}'}")
         if ready and listen.unix:
-            _share_socket(listen.unix, socket_access(named or [p for p, _n in config.images],
-                                                     config.writable))
+            _share_socket(
+                listen.unix, socket_access(named or [str(p) for p, _n in config.images], config.writable)
+            )
         if ready:
-            state.write_path(record, {"pid": os.getpid(), "nbdkit_pid": child.pid, "listen": listen.key,
-                                      "uri": listen.uri(tls=bool(tls_psk)),
-                                      "images": [p for p, _n in config.images],
-                                      "writable": config.writable})
+            state.write_path(
+                record,
+                {
+                    "pid": os.getpid(),
+                    "nbdkit_pid": child.pid,
+                    "listen": listen.key,
+                    "uri": listen.uri(tls=bool(tls_psk)),
+                    "images": [p for p, _n in config.images],
+                    "writable": config.writable,
+                },
+            )
             if pidfile:
                 _write_pid(pidfile)
             log.info("serving %s on %s", ", ".join(str(n or p) for p, n in config.images), listen.uri())
@@ -220,7 +250,7 @@ def run(config: Config, listen: Listen, *, tls_psk: str | None = None, verbose: 
         if listen.unix:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(listen.unix).st_mode):
-                    os.unlink(listen.unix)   # nbdkit leaves its socket behind
+                    os.unlink(listen.unix)  # nbdkit leaves its socket behind
         for path in temp_children or ():
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -262,10 +292,9 @@ def _wait_ready(child: subprocess.Popen[bytes], pidfile: str) -> bool:
     while time.monotonic() < deadline:
         if child.poll() is not None:
             return False
-        with contextlib.suppress(OSError):
-            with open(pidfile) as f:
-                if f.read().strip():
-                    return True
+        with contextlib.suppress(OSError), open(pidfile) as f:
+            if f.read().strip():
+                return True
         time.sleep(0.02)
     log.error("nbdkit did not become ready within %.0f s", START_TIMEOUT)
     child.send_signal(signal.SIGTERM)
@@ -284,6 +313,9 @@ def _verdict(path: str | None) -> bool:
 
 def configure_logging(debug: bool) -> None:
     """Info-level logs to stderr (journald or the serve log file)."""
-    fmt = "vhdfs: %(levelname)s: %(message)s" if os.environ.get("JOURNAL_STREAM") or sys.stderr.isatty() else \
-        "%(asctime)s vhdfs[%(process)d] %(levelname)s: %(message)s"
+    fmt = (
+        "vhdfs: %(levelname)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM") or sys.stderr.isatty()
+        else "%(asctime)s vhdfs[%(process)d] %(levelname)s: %(message)s"
+    )
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, force=True)

@@ -22,16 +22,19 @@ from ..tools.create import create_image
 
 @dataclass
 class Snapshot:
-    image: Image              # the child, open writable, its chain attached
-    temp_child: str | None    # the child's path when it is to be removed at the end
+    image: Image  # the child, open writable, its chain attached
+    temp_child: str | None  # the child's path when it is to be removed at the end
 
 
 def check_can_snapshot(img: Image) -> None:
     """Refuse an image whose format cannot have a differencing child, naming it."""
     d = driver(img.format)
     if d.create is None or "differencing" not in d.limits.types:
-        raise UsageError(f"--snapshot needs an image format with differencing children "
-                         f"(this is {d.title}); convert it first", img.path)
+        raise UsageError(
+            f"--snapshot needs an image format with differencing children "
+            f"(this is {d.title}); convert it first",
+            img.path,
+        )
 
 
 def stem(path: str) -> str:

@@ -32,20 +32,29 @@ def spawn_daemon(argv: list[str], log_path: str, what: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.bind(sock_path)
             env = dict(os.environ, NOTIFY_SOCKET=sock_path)
-            with os.fdopen(open_private(log_path), "wb") as logf:   # 0600: it names image paths
-                child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=logf, stderr=logf, env=env, start_new_session=True,
-                                         close_fds=True)
+            with os.fdopen(open_private(log_path), "wb") as logf:  # 0600: it names image paths
+                child = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline:
                 ready, _, _ = select.select([sock], [], [], 0.05)
                 if ready and b"READY=1" in sock.recv(4096).split(b"\n"):
                     return
                 if child.poll() is not None:
-                    raise VhdfsError(_last_error(log_path) or f"the daemon exited with status {child.returncode}")
+                    raise VhdfsError(
+                        _last_error(log_path) or f"the daemon exited with status {child.returncode}"
+                    )
             child.terminate()
-            raise VhdfsError(f"the daemon did not become ready within {START_TIMEOUT:.0f} s (log: {log_path})",
-                             what)
+            raise VhdfsError(
+                f"the daemon did not become ready within {START_TIMEOUT:.0f} s (log: {log_path})", what
+            )
 
 
 def _last_error(log_path: str) -> str:
@@ -59,4 +68,4 @@ def _last_error(log_path: str) -> str:
     if not lines:
         return ""
     last = lines[-1]
-    return last[len("vhdfs: "):] if last.startswith("vhdfs: ") else last
+    return last[len("vhdfs: ") :] if last.startswith("vhdfs: ") else last

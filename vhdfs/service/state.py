@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 from ..errors import VhdfsError
 
-
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -32,7 +31,9 @@ def state_dir() -> str:
     if os.geteuid() == 0:
         base = "/run/vhdfs"
     else:
-        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"vhdfs-{os.getuid()}")
+        base = os.path.join(
+            os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"vhdfs-{os.getuid()}"
+        )
     os.makedirs(base, mode=DIR_MODE, exist_ok=True)
     st = os.lstat(base)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():

@@ -33,8 +33,12 @@ def _map_problems(layer: Image) -> list[Finding]:
         file_size = layer.file.size() if layer.file is not None else os.path.getsize(layer.path)
         for ext in layer.map_layer(0, layer.size):
             if ext.kind == Kind.DATA and ext.file_offset + ext.length > file_size:
-                return [error(f"data for virtual offset {ext.offset} lies past the end of the file "
-                              f"({ext.file_offset + ext.length} > {file_size})")]
+                return [
+                    error(
+                        f"data for virtual offset {ext.offset} lies past the end of the file "
+                        f"({ext.file_offset + ext.length} > {file_size})"
+                    )
+                ]
     except VhdfsError as exc:
         return [error(exc.message)]
     return []
@@ -56,8 +60,12 @@ def check_image(img: Image) -> list[LayerFinding]:
             parent = chain[depth + 1]
             ref = layer.parent_ref
             if ref is not None and not ref.matches(parent):
-                found.append(error(f"parent {parent.path} has id {parent.identity()}, "
-                                   f"the child expects {ref.expected_id}"))
+                found.append(
+                    error(
+                        f"parent {parent.path} has id {parent.identity()}, "
+                        f"the child expects {ref.expected_id}"
+                    )
+                )
             if parent.size != layer.size:
                 found.append(error(f"parent {parent.path} is {parent.size} bytes, the child {layer.size}"))
         out.extend(LayerFinding(layer.path, f) for f in found)

@@ -14,13 +14,14 @@ as the child did, and anything else would bloat it with data it already holds.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any
 
-from ..errors import ChainError, UsageError
 from ..block.chain import make_options, open_image, open_layer
 from ..block.extent import Extent, Kind, preadinto_exact
 from ..block.image import Image
+from ..errors import ChainError, UsageError
 
 CHUNK = 4 * 1024 * 1024
 _ZEROS = bytes(CHUNK)
@@ -58,7 +59,7 @@ def commit(
     child_path: str | os.PathLike[str],
     *,
     parent_dirs: Iterable[str | os.PathLike[str]] = (),
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
     remove: bool = False,
     ignore_parent_id: bool = False,
     force: bool = False,
@@ -71,15 +72,17 @@ def commit(
     """
     child_path = os.path.abspath(os.fspath(child_path))
     dirs = tuple(os.path.abspath(os.fspath(d)) for d in parent_dirs)
-    common: dict[str, Any] = dict(parent_dirs=dirs, ignore_parent_id=ignore_parent_id, force=force,
-                                  **(driver_options or {}))
+    common: dict[str, Any] = dict(
+        parent_dirs=dirs, ignore_parent_id=ignore_parent_id, force=force, **(driver_options or {})
+    )
 
     # 1. Find the parent by opening the whole chain read-only (this checks UUIDs and sizes).
     with open_image(child_path, **common) as probe:
         if probe.backing is None:
             raise UsageError(
                 f"is a {probe.format} {probe.type} image, not a differencing one: nothing to commit",
-                child_path)
+                child_path,
+            )
         parent_path = probe.backing.path
         expected_id = probe.parent_ref.expected_id if probe.parent_ref else None
 
@@ -87,13 +90,17 @@ def commit(
     parent = open_image(parent_path, writable=True, **common)
     try:
         if expected_id is not None and parent.identity() != expected_id and not ignore_parent_id:
-            raise ChainError(f"parent {parent_path} changed while opening it (id {parent.identity()}, "
-                             f"expected {expected_id})", child_path)
+            raise ChainError(
+                f"parent {parent_path} changed while opening it (id {parent.identity()}, "
+                f"expected {expected_id})",
+                child_path,
+            )
         child = open_layer(child_path, make_options(**common))
         try:
             if child.size != parent.size:
-                raise ChainError(f"parent {parent_path} is {parent.size} bytes but the child is {child.size}",
-                                 child_path)
+                raise ChainError(
+                    f"parent {parent_path} is {parent.size} bytes but the child is {child.size}", child_path
+                )
             copied = _merge(child, parent, progress)
         finally:
             child.close()
@@ -108,7 +115,7 @@ def commit(
     return CommitResult(child_path, parent_path, copied, remove)
 
 
-def _merge(child: Image, parent: Image, progress: Optional[Progress]) -> int:
+def _merge(child: Image, parent: Image, progress: Progress | None) -> int:
     """Write every DATA (and explicit ZERO) run of the child's own layer into the parent.
 
     A ZERO run in a child layer (a discarded range, a VDI zero block) means "zeros, not the
@@ -122,7 +129,7 @@ def _merge(child: Image, parent: Image, progress: Optional[Progress]) -> int:
     view = memoryview(buf)
     done = 0
     for piece in _pieces(own):
-        data = view[:piece.length]
+        data = view[: piece.length]
         if piece.kind == Kind.DATA:
             preadinto_exact(piece.fd, data, piece.file_offset, child.path)
             # Zeros over a parent that is already zero there: nothing to write, nothing allocated.
@@ -130,7 +137,7 @@ def _merge(child: Image, parent: Image, progress: Optional[Progress]) -> int:
             if not (_ZEROS.startswith(data) and _parent_is_zero(parent, piece.offset, piece.length)):
                 parent.write(piece.offset, data)
         elif not _parent_is_zero(parent, piece.offset, piece.length):
-            parent.write(piece.offset, memoryview(_ZEROS)[:piece.length])
+            parent.write(piece.offset, memoryview(_ZEROS)[: piece.length])
         done += piece.length
         if progress is not None:
             progress(done, total)

@@ -10,14 +10,14 @@ again if anything fails, so a user never finds a half-converted image that looks
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
-from ..errors import UsageError, VhdfsError
-from ..block.driver import driver, format_from_name, format_names
-from ..block.rawfile import new_file, write_all
 from ..block.chain import open_image
+from ..block.driver import driver, format_from_name, format_names
 from ..block.extent import Kind, preadinto_exact
 from ..block.image import Image
+from ..block.rawfile import new_file, write_all
+from ..errors import UsageError, VhdfsError
 from .create import SECTOR, create_image
 
 # One read/write per chunk: large enough to amortise Python overhead, small enough for memory.
@@ -39,7 +39,9 @@ def _same_file(a: str, b: str) -> bool:
 
 def data_runs(src: Image) -> list[tuple[int, int, int, int]]:
     """``(offset, length, fd, file_offset)`` of every DATA extent of the whole chain."""
-    return [(e.offset, e.length, e.fd, e.file_offset) for e in src.extents(0, src.size) if e.kind == Kind.DATA]
+    return [
+        (e.offset, e.length, e.fd, e.file_offset) for e in src.extents(0, src.size) if e.kind == Kind.DATA
+    ]
 
 
 def _chunks(runs: list[tuple[int, int, int, int]]) -> Iterator[tuple[int, int, int, int]]:
@@ -66,7 +68,7 @@ def nonzero_runs(buf: memoryview, base: int, granule: int) -> Iterator[tuple[int
     """
     n = len(buf)
     pos = 0
-    start: Optional[int] = None
+    start: int | None = None
     while pos < n:
         stop = min(n, pos + granule - (base + pos) % granule)
         zero = _ZEROS.startswith(buf[pos:stop])
@@ -80,7 +82,7 @@ def nonzero_runs(buf: memoryview, base: int, granule: int) -> Iterator[tuple[int
         yield start, n
 
 
-def output_format(dst_path: str, to: Optional[str]) -> str:
+def output_format(dst_path: str, to: str | None) -> str:
     """The output format: ``to`` if given, else from the file name's suffix (raw: .bin/.dd too)."""
     names = format_names()
     if to:
@@ -91,8 +93,9 @@ def output_format(dst_path: str, to: Optional[str]) -> str:
     if fmt is None and (driver("raw").suffix_matches(dst_path) or dst_path.lower().endswith((".bin", ".dd"))):
         fmt = "raw"
     if fmt is None:
-        raise UsageError(f"cannot tell the output format from the file name: pass --to {'|'.join(names)}",
-                         dst_path)
+        raise UsageError(
+            f"cannot tell the output format from the file name: pass --to {'|'.join(names)}", dst_path
+        )
     return fmt
 
 
@@ -100,11 +103,11 @@ def convert(
     src: Image,
     dst_path: str | os.PathLike[str],
     *,
-    to: Optional[str] = "vhd",
+    to: str | None = "vhd",
     type: str = "dynamic",
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
     overwrite: bool = False,
-    block_size: Optional[int] = None,
+    block_size: int | None = None,
 ) -> int:
     """Write the whole virtual disk of ``src`` (and its chain) to a new file at ``dst_path``.
 
@@ -141,8 +144,14 @@ def convert(
     return written
 
 
-def _copy(runs: list[tuple[int, int, int, int]], src: Image, granule: int, total: int,
-          progress: Optional[Progress], write: Callable[[int, memoryview], object]) -> int:
+def _copy(
+    runs: list[tuple[int, int, int, int]],
+    src: Image,
+    granule: int,
+    total: int,
+    progress: Progress | None,
+    write: Callable[[int, memoryview], object],
+) -> int:
     """Read every DATA chunk once and hand its non-zero granules to ``write``."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -159,33 +168,49 @@ def _copy(runs: list[tuple[int, int, int, int]], src: Image, granule: int, total
     return written
 
 
-def _convert_to_raw(runs: list[tuple[int, int, int, int]], src: Image, dst_path: str, total: int,
-                    progress: Optional[Progress]) -> int:
+def _convert_to_raw(
+    runs: list[tuple[int, int, int, int]], src: Image, dst_path: str, total: int, progress: Progress | None
+) -> int:
     """A sparse raw file: set its length first, then write only the non-zero data."""
     with new_file(dst_path) as fd:
         os.ftruncate(fd, src.size)
-        return _copy(runs, src, RAW_GRANULE, total, progress, lambda offset, data: write_all(fd, data, offset))
+        return _copy(
+            runs, src, RAW_GRANULE, total, progress, lambda offset, data: write_all(fd, data, offset)
+        )
 
 
-def _convert_to_image(runs: list[tuple[int, int, int, int]], src: Image, dst_path: str, fmt: str,
-                      type: str, total: int, progress: Optional[Progress],
-                      block_size: Optional[int]) -> int:
+def _convert_to_image(
+    runs: list[tuple[int, int, int, int]],
+    src: Image,
+    dst_path: str,
+    fmt: str,
+    type: str,
+    total: int,
+    progress: Progress | None,
+    block_size: int | None,
+) -> int:
     """A new VHD/VDI of the source's size, written through its own driver."""
 
     size = -(-src.size // SECTOR) * SECTOR
-    create_image(dst_path, format=fmt, type="fixed" if type in ("fixed", "static") else "dynamic",
-                 size=size, block_size=block_size)
+    create_image(
+        dst_path,
+        format=fmt,
+        type="fixed" if type in ("fixed", "static") else "dynamic",
+        size=size,
+        block_size=block_size,
+    )
     with open_image(dst_path, writable=True, format=fmt) as dst:
         if dst.size < src.size:
             raise VhdfsError(
-                f"the new image reads as {dst.size} bytes, smaller than the source's {src.size}", dst_path)
+                f"the new image reads as {dst.size} bytes, smaller than the source's {src.size}", dst_path
+            )
         granule = _output_granule(dst, block_size)
         written = _copy(runs, src, granule, total, progress, dst.write)
         dst.flush()
     return written
 
 
-def _output_granule(dst: Image, block_size: Optional[int]) -> int:
+def _output_granule(dst: Image, block_size: int | None) -> int:
     """The output's allocation unit: a zero granule of this size leaves a block unallocated."""
     bs = dst.allocation_unit or block_size or 2 * 1024 * 1024
     if bs <= 0 or bs > CHUNK or CHUNK % bs:

@@ -10,7 +10,6 @@ replaced. A creation that fails leaves no half-written file (``rawfile.new_file`
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from ..block.chain import open_image
 from ..block.driver import CreateSpec, Driver, Limits, driver, format_from_name
@@ -35,14 +34,15 @@ def _parent_facts(parent: str) -> tuple[str, int]:
 
 
 def _amount(n: int) -> str:
-    for unit, scale in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= scale and n % scale == 0:
             return f"{n // scale} {unit}"
     return f"{n} bytes"
 
 
-def check_limits(d: Driver, type: str, size: int, block_size: Optional[int],
-                 sector_size: Optional[int], path: str) -> None:
+def check_limits(
+    d: Driver, type: str, size: int, block_size: int | None, sector_size: int | None, path: str
+) -> None:
     """Refuse what format ``d`` cannot describe, naming the limit (one rule for every format)."""
     lim: Limits = d.limits
     if type not in lim.types:
@@ -54,11 +54,13 @@ def check_limits(d: Driver, type: str, size: int, block_size: Optional[int],
     if size % unit:
         raise UsageError(f"size must be a whole number of {unit}-byte sectors, not {size}", path)
     if size > lim.max_size:
-        raise UsageError(f"a {d.title} holds at most {_amount(lim.max_size)} ({lim.max_size} bytes), "
-                         f"not {size}", path)
+        raise UsageError(
+            f"a {d.title} holds at most {_amount(lim.max_size)} ({lim.max_size} bytes), not {size}", path
+        )
     if sector_size is not None and sector_size not in lim.sector_sizes:
-        raise UsageError(f"a {d.title} has {' or '.join(map(str, lim.sector_sizes))}-byte sectors, "
-                         f"not {sector_size}", path)
+        raise UsageError(
+            f"a {d.title} has {' or '.join(map(str, lim.sector_sizes))}-byte sectors, not {sector_size}", path
+        )
     if block_size is not None:
         if not _is_power_of_two(block_size) or block_size < SECTOR:
             raise UsageError(f"block size must be a power of two of at least 512, not {block_size}", path)
@@ -66,19 +68,20 @@ def check_limits(d: Driver, type: str, size: int, block_size: Optional[int],
             raise UsageError(f"a {type} {d.title} has no blocks: --block-size does not apply", path)
         lo, hi = lim.block_sizes
         if not lo <= block_size <= hi:
-            raise UsageError(f"a {d.title} block size must be from {_amount(lo)} to {_amount(hi)}, "
-                             f"not {block_size}", path)
+            raise UsageError(
+                f"a {d.title} block size must be from {_amount(lo)} to {_amount(hi)}, not {block_size}", path
+            )
 
 
 def create_image(
     path: str | os.PathLike[str],
     *,
-    format: Optional[str] = None,
-    type: Optional[str] = None,
-    size: Optional[int] = None,
+    format: str | None = None,
+    type: str | None = None,
+    size: int | None = None,
     parent: str | os.PathLike[str] | None = None,
-    block_size: Optional[int] = None,
-    sector_size: Optional[int] = None,
+    block_size: int | None = None,
+    sector_size: int | None = None,
     overwrite: bool = False,
 ) -> None:
     """Create a new, empty image at ``path``.
@@ -101,12 +104,13 @@ def create_image(
     if type != "differencing" and parent:
         raise UsageError(f"a {type} image has no parent (use --type differencing)", path)
 
-    parent_format: Optional[str] = None
+    parent_format: str | None = None
     if parent:
         parent_format, parent_size = _parent_facts(parent)
         if size is not None and size != parent_size:
             raise UsageError(
-                f"a differencing image has its parent's size ({parent_size} bytes), not {size}", path)
+                f"a differencing image has its parent's size ({parent_size} bytes), not {size}", path
+            )
         size = parent_size
     fmt = format or parent_format or format_from_name(path) or "vhd"
     try:
@@ -129,9 +133,12 @@ def create_image(
         os.unlink(path)
 
     try:
-        d.create(CreateSpec(path=path, type=type, size=size, block_size=block_size,
-                            sector_size=sector_size, parent=parent))
-    except ValueError as exc:   # a creator's own argument check: the user's input is wrong
+        d.create(
+            CreateSpec(
+                path=path, type=type, size=size, block_size=block_size, sector_size=sector_size, parent=parent
+            )
+        )
+    except ValueError as exc:  # a creator's own argument check: the user's input is wrong
         raise UsageError(str(exc), path) from None
     except OSError as exc:
         if isinstance(exc, VhdfsError):

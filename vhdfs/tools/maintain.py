@@ -82,8 +82,11 @@ def children_of(path: str) -> list[str]:
 def _refuse_children(path: str, force: bool, what: str) -> None:
     kids = children_of(path)
     if kids and not force:
-        raise BusyError(f"is the parent of {', '.join(kids)}: {what} would break "
-                        f"{'it' if len(kids) == 1 else 'them'} (--force if you know better)", path)
+        raise BusyError(
+            f"is the parent of {', '.join(kids)}: {what} would break "
+            f"{'it' if len(kids) == 1 else 'them'} (--force if you know better)",
+            path,
+        )
 
 
 def _open_writable(path: str, **kw: Any) -> Image:
@@ -91,8 +94,14 @@ def _open_writable(path: str, **kw: Any) -> Image:
     return open_image(path, True, **kw)
 
 
-def resize_image(path: str, size_text: str, parse: Callable[[str], int], *, force: bool = False,
-                 open_kw: dict[str, Any] | None = None) -> tuple[int, int, list[str]]:
+def resize_image(
+    path: str,
+    size_text: str,
+    parse: Callable[[str], int],
+    *,
+    force: bool = False,
+    open_kw: dict[str, Any] | None = None,
+) -> tuple[int, int, list[str]]:
     """Resize the top layer; (old size, new size, what was done)."""
     path = os.path.abspath(path)
     _d, hook = _hook(path, "resize")
@@ -105,8 +114,11 @@ def resize_image(path: str, size_text: str, parse: Callable[[str], int], *, forc
         def ensure_zero(cut_to: int) -> None:
             hit = first_nonzero(img, cut_to, old)
             if hit is not None:
-                raise UsageError(f"cannot shrink to {cut_to} bytes: offset {hit} holds data "
-                                 f"(everything from {cut_to} to {old} must read as zeros)", path)
+                raise UsageError(
+                    f"cannot shrink to {cut_to} bytes: offset {hit} holds data "
+                    f"(everything from {cut_to} to {old} must read as zeros)",
+                    path,
+                )
 
         done = hook(img, target, ensure_zero)
     finally:
@@ -115,8 +127,9 @@ def resize_image(path: str, size_text: str, parse: Callable[[str], int], *, forc
         return old, after.size, done
 
 
-def compact_image(path: str, progress: Progress, *, open_kw: dict[str, Any] | None = None
-                  ) -> tuple[int, int, list[str]]:
+def compact_image(
+    path: str, progress: Progress, *, open_kw: dict[str, Any] | None = None
+) -> tuple[int, int, list[str]]:
     """Release blocks that change nothing a reader sees and pack the rest; (bytes before, after, log)."""
     path = os.path.abspath(path)
     _d, hook = _hook(path, "compact")

@@ -35,10 +35,22 @@ def parent_candidates(child: Image, ref: ParentRef, parent_dirs: tuple[str, ...]
 
 
 DRIVER = Driver(
-    name="vdi", title="VDI", suffixes=SUFFIXES, probe=probe, open_layer=open_layer, create=create_from_spec,
-    limits=Limits(max_size=fmt.MAX_BLOCK_INDEX * fmt.MAX_BLOCK_SIZE,
-                  block_sizes=(fmt.MIN_BLOCK_SIZE, fmt.MAX_BLOCK_SIZE), fixed_has_blocks=True),
-    type_names={"fixed": "static"}, parent_candidates=parent_candidates,
-    resize=resize, compact=compact, repair=repair)
+    name="vdi",
+    title="VDI",
+    suffixes=SUFFIXES,
+    probe=probe,
+    open_layer=open_layer,
+    create=create_from_spec,
+    limits=Limits(
+        max_size=fmt.MAX_BLOCK_INDEX * fmt.MAX_BLOCK_SIZE,
+        block_sizes=(fmt.MIN_BLOCK_SIZE, fmt.MAX_BLOCK_SIZE),
+        fixed_has_blocks=True,
+    ),
+    type_names={"fixed": "static"},
+    parent_candidates=parent_candidates,
+    resize=resize,
+    compact=compact,
+    repair=repair,
+)
 
 __all__ = ["DRIVER", "VdiImage"]

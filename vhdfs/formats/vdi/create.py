@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import uuid
 
-from ...errors import ChainError, UsageError, VhdfsError
-from . import spec as fmt
 from ...block.driver import CreateSpec
 from ...block.image import OpenOptions
 from ...block.rawfile import new_file, write_all
+from ...errors import ChainError, VhdfsError
+from . import spec as fmt
 
 MAP_OFFSET = 0x200
 DATA_ALIGN = 4096
@@ -26,13 +26,24 @@ def _round_up(n: int, m: int) -> int:
 
 def create_from_spec(spec: CreateSpec) -> None:
     """The driver's entry point: a new VDI as ``spec`` describes (already validated by tools)."""
-    create_vdi(spec.path, spec.size, "static" if spec.type == "fixed" else "dynamic",
-               block_size=spec.block_size, parent=spec.parent)
+    create_vdi(
+        spec.path,
+        spec.size,
+        "static" if spec.type == "fixed" else "dynamic",
+        block_size=spec.block_size,
+        parent=spec.parent,
+    )
 
 
-def create_vdi(path: str | os.PathLike[str], size: int, type: str = "dynamic", *,
-               block_size: int | None = None, parent: str | os.PathLike[str] | None = None,
-               description: str = "") -> None:
+def create_vdi(
+    path: str | os.PathLike[str],
+    size: int,
+    type: str = "dynamic",
+    *,
+    block_size: int | None = None,
+    parent: str | os.PathLike[str] | None = None,
+    description: str = "",
+) -> None:
     """Create a new image at ``path`` (which must not exist).
 
     ``type`` is "dynamic" or "static"/"fixed"; with ``parent`` (a VDI) the image is a
@@ -66,12 +77,21 @@ def create_vdi(path: str | os.PathLike[str], size: int, type: str = "dynamic", *
     offset_data = _round_up(MAP_OFFSET + 4 * blocks, DATA_ALIGN)
     static = code == fmt.TYPE_FIXED
     header = fmt.VdiHeader(
-        text=fmt.PRE_HEADER_TEXT, header_size=fmt.HEADER_V1, image_type=code,
-        description=description.encode("utf-8")[:fmt.DESCRIPTION_SIZE - 1],
-        offset_bmap=MAP_OFFSET, offset_data=offset_data, disk_size=size, block_size=block_size,
-        blocks_in_image=blocks, blocks_allocated=blocks if static else 0,
-        uuid_create=uuid.uuid4(), uuid_modify=uuid.uuid4(), uuid_link=link,
-        uuid_parent_modify=parent_modify)
+        text=fmt.PRE_HEADER_TEXT,
+        header_size=fmt.HEADER_V1,
+        image_type=code,
+        description=description.encode("utf-8")[: fmt.DESCRIPTION_SIZE - 1],
+        offset_bmap=MAP_OFFSET,
+        offset_data=offset_data,
+        disk_size=size,
+        block_size=block_size,
+        blocks_in_image=blocks,
+        blocks_allocated=blocks if static else 0,
+        uuid_create=uuid.uuid4(),
+        uuid_modify=uuid.uuid4(),
+        uuid_link=link,
+        uuid_parent_modify=parent_modify,
+    )
     head = fmt.pack_header(header)
     entries = fmt.pack_entries(range(blocks)) if static else b"\xff" * (4 * blocks)
 

@@ -24,7 +24,7 @@ def classify(text: str) -> Finding:
     return note(text) if any(n in text for n in _NOTES) else error(text)
 
 
-def findings(img: "VdiImage", problems: list[str]) -> list[Finding]:
+def findings(img: VdiImage, problems: list[str]) -> list[Finding]:
     """Blocks no entry names are not reported: a crash between a block's data and its entry
     leaks one by design (the allocation order), ``describe`` counts them as
     ``unreferenced_blocks``, ``--repair`` mentions them and ``compact`` returns them."""

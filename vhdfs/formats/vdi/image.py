@@ -14,19 +14,20 @@ import struct
 import uuid
 from array import array
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from ...errors import ChainError, FormatError, ReadOnlyError, VhdfsError, warn
-from . import spec as fmt
 from ...block.driver import Finding
 from ...block.image import Extent, Image, Kind, OpenOptions, ParentRef
 from ...block.pending import PendingCounter, PendingGroup, PendingTable
 from ...block.rawfile import RawFile
+from ...errors import ChainError, FormatError, VhdfsError, warn
+from . import spec as fmt
 
-_ZERO_CHUNK = 1 << 20   # zero-fill granularity for discards of allocated data
+_ZERO_CHUNK = 1 << 20  # zero-fill granularity for discards of allocated data
 
 
-def open_layer(path: str, options: OpenOptions) -> "VdiImage":
+def open_layer(path: str, options: OpenOptions) -> VdiImage:
     """Open one VDI layer; a differencing layer's parent is attached later by ``chain``."""
     f = RawFile(path, options.writable)
     try:
@@ -39,12 +40,14 @@ def open_layer(path: str, options: OpenOptions) -> "VdiImage":
         if len(set(used)) != len(used):
             notes.append("several block map entries share one data block (see vhdfs check)")
             if options.writable and not options.force:
-                raise FormatError("several block map entries share one data block: a write would change "
-                                  "both; open it read-only (or pass --force)")
+                raise FormatError(
+                    "several block map entries share one data block: a write would change "
+                    "both; open it read-only (or pass --force)"
+                )
         img = VdiImage(path, f, header, bmap, file_size)
     except VhdfsError as exc:
         f.close()
-        raise exc.with_path(path)
+        raise exc.with_path(path) from None
     except (ValueError, struct.error, OverflowError) as exc:
         f.close()
         raise FormatError(f"corrupt VDI image: {exc}", path) from None
@@ -64,7 +67,7 @@ def _check_map_fits(h: fmt.VdiHeader, bmap: array, file_size: int) -> None:
     suffices: every lower block ends before it starts. Only the bytes that hold virtual data
     must exist (the last virtual block may be partial).
     """
-    in_disk = bmap[:-(-h.disk_size // h.block_size)]
+    in_disk = bmap[: -(-h.disk_size // h.block_size)]
     top = _highest_used(in_disk)
     if top < 0:
         return
@@ -73,7 +76,9 @@ def _check_map_fits(h: fmt.VdiHeader, bmap: array, file_size: int) -> None:
     end = h.offset_data + top * h.block_stride + h.block_extra + needed
     if end > file_size:
         raise FormatError(
-            f"block map entry {block} points to data at {end - needed}-{end}, past the end of the file ({file_size})")
+            f"block map entry {block} points to data at {end - needed}-{end}, "
+            f"past the end of the file ({file_size})"
+        )
 
 
 def _highest_used(bmap: array) -> int:
@@ -84,7 +89,7 @@ def _highest_used(bmap: array) -> int:
 class VdiImage(Image):
     """One VDI layer. ``type`` is "dynamic", "fixed" (VirtualBox: static) or "differencing"."""
 
-    file: RawFile   # always open (narrows Image.file)
+    file: RawFile  # always open (narrows Image.file)
 
     format = "vdi"
 
@@ -106,8 +111,13 @@ class VdiImage(Image):
         # failed entry write rolls that block back to its entry in the file; blocks_allocated
         # may then stay above the blocks in use, which only leaks space (never reused).
         self._pending = PendingTable("<I", header.offset_bmap, f, self._roll_back_entry)
-        allocated = PendingCounter("<I", fmt.BLOCKS_ALLOCATED_OFFSET, f,
-                                   lambda: self.header.blocks_allocated, header.blocks_allocated)
+        allocated = PendingCounter(
+            "<I",
+            fmt.BLOCKS_ALLOCATED_OFFSET,
+            f,
+            lambda: self.header.blocks_allocated,
+            header.blocks_allocated,
+        )
         self.pending = PendingGroup(allocated, self._pending)
         if self.diff:
             link = str(header.uuid_link)
@@ -123,7 +133,7 @@ class VdiImage(Image):
     # -- the parent: warn when it was modified after the child was made --------------------
 
     @property
-    def backing(self) -> Image | None:  # type: ignore[override]
+    def backing(self) -> Image | None:
         return self._backing
 
     @backing.setter
@@ -132,8 +142,11 @@ class VdiImage(Image):
         if parent is not None and isinstance(parent, VdiImage):
             expected = self.header.uuid_parent_modify
             if expected != fmt.NULL_UUID and parent.header.uuid_modify != expected:
-                warn(f"parent {parent.path} was modified after this snapshot was taken "
-                     f"(modification UUID {parent.header.uuid_modify}, expected {expected})", self.path)
+                warn(
+                    f"parent {parent.path} was modified after this snapshot was taken "
+                    f"(modification UUID {parent.header.uuid_modify}, expected {expected})",
+                    self.path,
+                )
 
     # -- mapping ----------------------------------------------------------------------------
 
@@ -162,7 +175,7 @@ class VdiImage(Image):
             return True
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        return all(e < fmt.BLOCK_ZERO for e in self.bmap[first:last + 1])
+        return all(e < fmt.BLOCK_ZERO for e in self.bmap[first : last + 1])
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -181,16 +194,16 @@ class VdiImage(Image):
                     run_len += n
                 else:
                     if run_len:
-                        self.file.pwrite(data[run_start:run_start + run_len], run_file)
+                        self.file.pwrite(data[run_start : run_start + run_len], run_file)
                     run_file, run_start, run_len = file_off, pos - offset, n
             else:
                 if run_len:
-                    self.file.pwrite(data[run_start:run_start + run_len], run_file)
+                    self.file.pwrite(data[run_start : run_start + run_len], run_file)
                     run_len = 0
-                self._allocate(block, within, data[pos - offset:pos - offset + n])
+                self._allocate(block, within, data[pos - offset : pos - offset + n])
             pos += n
         if run_len:
-            self.file.pwrite(data[run_start:run_start + run_len], run_file)
+            self.file.pwrite(data[run_start : run_start + run_len], run_file)
 
     def _renew_modify_uuid(self) -> None:
         """VirtualBox gives an image a new modification UUID on its first change after open;
@@ -221,7 +234,7 @@ class VdiImage(Image):
             if within == 0 and self._is_zero_block(chunk):
                 if inherit:  # zeros over the parent: the zero marker, no data block
                     self._set_entries(block, [fmt.BLOCK_ZERO])
-                return       # the block already reads as zeros
+                return  # the block already reads as zeros
             h = self.header
             bs, extra = self.block_size, h.block_extra
             buf = bytearray(h.block_stride)
@@ -231,8 +244,8 @@ class VdiImage(Image):
                 if self.backing is None:
                     raise ChainError("cannot copy-on-write: the parent image is not open", self.path)
                 parent = self.backing.read(start, min(bs, self.size - start))
-                buf[extra:extra + len(parent)] = parent
-            buf[extra + within:extra + within + len(chunk)] = chunk
+                buf[extra : extra + len(parent)] = parent
+            buf[extra + within : extra + within + len(chunk)] = chunk
             index = self._next_index
             if index > fmt.MAX_BLOCK_INDEX:
                 raise FormatError("the image has no free block indices left", self.path)
@@ -248,10 +261,10 @@ class VdiImage(Image):
 
     def _set_entries(self, first: int, values: list[int]) -> None:
         """Durably write map entries ``first..`` (one pwrite), then publish them in memory."""
-        self.commit()   # a pending entry for one of these blocks must not land after them
+        self.commit()  # a pending entry for one of these blocks must not land after them
         self.file.pwrite(fmt.pack_entries(values), self.header.offset_bmap + 4 * first)
         self.file.sync()
-        self.bmap[first:first + len(values)] = array(self.bmap.typecode, values)
+        self.bmap[first : first + len(values)] = array(self.bmap.typecode, values)
 
     def _discard(self, offset: int, length: int) -> None:
         """Whole blocks become zero markers (their space leaks, as the brief allows); partial
@@ -271,7 +284,7 @@ class VdiImage(Image):
         self._zero_fill(last * bs, end)
         self._renew_modify_uuid()
         with self.meta_lock:
-            self.commit()   # a pending entry for a discarded block must not land after its marker
+            self.commit()  # a pending entry for a discarded block must not land after its marker
             runs: list[tuple[int, int]] = []
             for block in range(first, last):
                 entry = self.bmap[block]
@@ -282,7 +295,9 @@ class VdiImage(Image):
                 else:
                     runs.append((block, block + 1))
             for a, b in runs:
-                self.file.pwrite(fmt.pack_entries([fmt.BLOCK_ZERO] * (b - a)), self.header.offset_bmap + 4 * a)
+                self.file.pwrite(
+                    fmt.pack_entries([fmt.BLOCK_ZERO] * (b - a)), self.header.offset_bmap + 4 * a
+                )
             if runs:
                 self.file.sync()
             for a, b in runs:
@@ -317,15 +332,24 @@ class VdiImage(Image):
         zero = self.bmap.count(fmt.BLOCK_ZERO)
         allocated = self.allocated_blocks()
         out: dict[str, Any] = {
-            "format": "vdi", "type": self.type, "image_type": h.image_type,
-            "version": f"{h.version >> 16}.{h.version & 0xFFFF}", "header_size": h.header_size,
-            "pre_header": h.text.decode("latin-1").strip(), "description": h.description_text,
-            "block_size": h.block_size, "block_extra": h.block_extra,
-            "total_blocks": h.blocks_in_image, "allocated_blocks": allocated, "zero_blocks": zero,
+            "format": "vdi",
+            "type": self.type,
+            "image_type": h.image_type,
+            "version": f"{h.version >> 16}.{h.version & 0xFFFF}",
+            "header_size": h.header_size,
+            "pre_header": h.text.decode("latin-1").strip(),
+            "description": h.description_text,
+            "block_size": h.block_size,
+            "block_extra": h.block_extra,
+            "total_blocks": h.blocks_in_image,
+            "allocated_blocks": allocated,
+            "zero_blocks": zero,
             "blocks_allocated_field": h.blocks_allocated,
             "unreferenced_blocks": max(0, self._next_index - allocated),
-            "block_map_offset": h.offset_bmap, "data_offset": h.offset_data,
-            "uuid": str(h.uuid_create), "modify_uuid": str(h.uuid_modify),
+            "block_map_offset": h.offset_bmap,
+            "data_offset": h.offset_data,
+            "uuid": str(h.uuid_create),
+            "modify_uuid": str(h.uuid_modify),
             "disk_size_field": h.disk_size,
         }
         if self.diff:
@@ -346,15 +370,21 @@ class VdiImage(Image):
         counts = Counter(e for _, e in used)
         dups = sorted(e for e, c in counts.items() if c > 1)
         if dups:
-            problems.append(f"{len(dups)} data blocks are used by more than one map entry (first: block {dups[0]})")
+            problems.append(
+                f"{len(dups)} data blocks are used by more than one map entry (first: block {dups[0]})"
+            )
         high = [(i, e) for i, e in used if e >= h.blocks_allocated]
         if high:
-            problems.append(f"{len(high)} map entries point at or beyond blocks_allocated {h.blocks_allocated} "
-                            f"(first: entry {high[0][0]} -> block {high[0][1]})")
+            problems.append(
+                f"{len(high)} map entries point at or beyond blocks_allocated {h.blocks_allocated} "
+                f"(first: entry {high[0][0]} -> block {high[0][1]})"
+            )
         past = [(i, e) for i, e in used if self._data_offset(e) + self.block_size > file_size]
         if past:
-            problems.append(f"{len(past)} map entries point past the end of the file ({file_size}) "
-                            f"(first: entry {past[0][0]} -> block {past[0][1]})")
+            problems.append(
+                f"{len(past)} map entries point past the end of the file ({file_size}) "
+                f"(first: entry {past[0][0]} -> block {past[0][1]})"
+            )
         if len(counts) > h.blocks_allocated:
             problems.append(f"blocks_allocated is {h.blocks_allocated} but the map uses {len(counts)} blocks")
         if h.offset_data + h.blocks_allocated * h.block_stride > file_size:
@@ -362,4 +392,5 @@ class VdiImage(Image):
         if self.type == "fixed" and any(e != i for i, e in enumerate(self.bmap)):
             problems.append("static image whose block map is not the identity (map[i] != i)")
         from .findings import findings
+
         return findings(self, problems)

@@ -33,21 +33,28 @@ from .image import VdiImage
 
 _U32 = struct.Struct("<I")
 SECTOR_SIZE_OFFSET = 0x168
-DISK_SIZE_OFFSET = 0x170     # disk size (8), block size, extra, blocks, blocks allocated
+DISK_SIZE_OFFSET = 0x170  # disk size (8), block size, extra, blocks, blocks allocated
 
 
 def _fields(f: RawFile, h: fmt.VdiHeader) -> None:
     """disk_size, blocks_in_image and blocks_allocated: one small write inside sector 0."""
-    f.pwrite(struct.pack("<QIIII", h.disk_size, h.block_size, h.block_extra, h.blocks_in_image,
-                         h.blocks_allocated), DISK_SIZE_OFFSET)
+    f.pwrite(
+        struct.pack(
+            "<QIIII", h.disk_size, h.block_size, h.block_extra, h.blocks_in_image, h.blocks_allocated
+        ),
+        DISK_SIZE_OFFSET,
+    )
 
 
 def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> list[str]:
     assert isinstance(img, VdiImage)
     h, f, bs = img.header, img.file, img.block_size
     if img.diff:
-        raise UnsupportedError("a differencing VDI has its parent's size: resize the base image "
-                               "(vhdfs refuses a chain whose sizes differ)", img.path)
+        raise UnsupportedError(
+            "a differencing VDI has its parent's size: resize the base image "
+            "(vhdfs refuses a chain whose sizes differ)",
+            img.path,
+        )
     size = -(-requested // fmt.SECTOR) * fmt.SECTOR
     said = [f"rounded up to {size} bytes (whole sectors)"] if size != requested else []
     old = img.size
@@ -85,7 +92,9 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
             f"the block map has room for {room} entries before the data area at "
             f"{h.offset_data:#x}; {size} bytes need {need} blocks of {bs}. Making room means "
             "moving data blocks and renumbering the whole map, which cannot be done crash-safely "
-            "in place: use vhdfs convert to a new image", img.path)
+            "in place: use vhdfs convert to a new image",
+            img.path,
+        )
     last, rel = (old - 1) // bs, old - ((old - 1) // bs) * bs
     if rel < bs and img.bmap[last] < fmt.BLOCK_ZERO:
         f.write_parts([bs - rel], img._data_offset(img.bmap[last]) + rel)
@@ -111,14 +120,17 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
 def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
     assert isinstance(img, VdiImage)
     if img.type == "fixed":
-        raise UnsupportedError("a static VDI has no blocks to release (convert it to a dynamic "
-                               "one with vhdfs convert)", img.path)
+        raise UnsupportedError(
+            "a static VDI has no blocks to release (convert it to a dynamic one with vhdfs convert)", img.path
+        )
     h, f, bs = img.header, img.file, img.block_size
     img.commit()
     used = [b for b in range(h.blocks_in_image) if img.bmap[b] < fmt.BLOCK_ZERO]
     if len({img.bmap[b] for b in used}) != len(used):
-        raise FormatError("several map entries share one data block; compact refuses to move "
-                          "them (see vhdfs check)", img.path)
+        raise FormatError(
+            "several map entries share one data block; compact refuses to move them (see vhdfs check)",
+            img.path,
+        )
     freed: list[int] = []
     for n, b in enumerate(used, 1):
         if releasable(img, b * bs, min(bs, img.size - b * bs)):
@@ -144,7 +156,7 @@ def _pack(img: VdiImage, progress: Callable[[int, int], None]) -> list[str]:
     for n, (hole, src) in enumerate(zip(holes, movers, strict=True), 1):
         data = f.pread(h.block_stride, h.offset_data + src * h.block_stride)
         f.pwrite(data, h.offset_data + hole * h.block_stride)
-        f.sync()                              # the copy is durable before the entry moves
+        f.sync()  # the copy is durable before the entry moves
         block = owner.pop(src)
         f.pwrite(_U32.pack(hole), h.offset_bmap + 4 * block)
         f.sync()
@@ -179,9 +191,11 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
         h = fmt.parse_header(os.pread(f.fd, fmt.HEADER_READ_SIZE, 0), size)
         bmap = fmt.parse_map(f.pread(h.map_bytes, h.offset_bmap))
         if h.sector_size != fmt.SECTOR:
-            change(f"sector size field {h.sector_size} → 512 (a VDI's data is addressed in 512-byte "
-                   "sectors; QEMU refuses any other value)",
-                   lambda: f.pwrite(_U32.pack(fmt.SECTOR), SECTOR_SIZE_OFFSET))
+            change(
+                f"sector size field {h.sector_size} → 512 (a VDI's data is addressed in 512-byte "
+                "sectors; QEMU refuses any other value)",
+                lambda: f.pwrite(_U32.pack(fmt.SECTOR), SECTOR_SIZE_OFFSET),
+            )
         bs, marker = h.block_size, fmt.BLOCK_ZERO if h.is_diff else fmt.BLOCK_FREE
         reads = "as zeros"
         for b in range(min(h.blocks_in_image, -(-h.disk_size // bs))):
@@ -191,18 +205,24 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
             needed = min(bs, h.disk_size - b * bs)
             if h.offset_data + e * h.block_stride + h.block_extra + needed > size:
                 lo, hi = b * bs, b * bs + needed
-                change(f"block map entry {b} points past the end of the file (block {e}): "
-                       f"cleared; virtual bytes {lo}-{hi} now read {reads}",
-                       partial(f.pwrite, _U32.pack(marker), h.offset_bmap + 4 * b))
+                change(
+                    f"block map entry {b} points past the end of the file (block {e}): "
+                    f"cleared; virtual bytes {lo}-{hi} now read {reads}",
+                    partial(f.pwrite, _U32.pack(marker), h.offset_bmap + 4 * b),
+                )
                 bmap[b] = marker
-        used = {e for e in bmap[:h.blocks_in_image] if e < fmt.BLOCK_ZERO}
+        used = {e for e in bmap[: h.blocks_in_image] if e < fmt.BLOCK_ZERO}
         want = max(used) + 1 if used else 0
         if h.image_type != fmt.TYPE_FIXED and h.blocks_allocated != want:
-            change(f"blocks_allocated {h.blocks_allocated} → {want} (the blocks the map uses)",
-                   lambda: f.pwrite(_U32.pack(want), fmt.BLOCKS_ALLOCATED_OFFSET))
+            change(
+                f"blocks_allocated {h.blocks_allocated} → {want} (the blocks the map uses)",
+                lambda: f.pwrite(_U32.pack(want), fmt.BLOCKS_ALLOCATED_OFFSET),
+            )
         if len(used) < want:
-            say(f"note: {want - len(used)} data block(s) below the last are unused (leaked): "
-                "vhdfs compact returns them")
+            say(
+                f"note: {want - len(used)} data block(s) below the last are unused (leaked): "
+                "vhdfs compact returns them"
+            )
     finally:
         f.close()
     return changes

@@ -11,38 +11,44 @@ from __future__ import annotations
 import struct
 import sys
 import uuid
-from collections.abc import Sequence
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...errors import FormatError, UnsupportedError
 
 SIGNATURE = 0xBEDA107F
-SIGNATURE_BYTES = struct.pack("<I", SIGNATURE)   # 7F 10 DA BE
+SIGNATURE_BYTES = struct.pack("<I", SIGNATURE)  # 7F 10 DA BE
 SIGNATURE_OFFSET = 0x40
-PRE_HEADER_SIZE = 0x48                           # text (64) + signature + version
+PRE_HEADER_SIZE = 0x48  # text (64) + signature + version
 VERSION_1_1 = 0x00010001
-HEADER_V1 = 0x180                                # QEMU writes this size
-HEADER_V1PLUS = 0x190                            # VirtualBox: adds the LCHS geometry
+HEADER_V1 = 0x180  # QEMU writes this size
+HEADER_V1PLUS = 0x190  # VirtualBox: adds the LCHS geometry
 HEADER_READ_SIZE = PRE_HEADER_SIZE + HEADER_V1PLUS  # the most we ever parse (0x1D8)
 PRE_HEADER_TEXT = b"<<< Oracle VM VirtualBox Disk Image >>>\n"
 QEMU_PRE_HEADER_TEXT = b"<<< QEMU VM Virtual Disk Image >>>\n"
 
-TYPE_NORMAL = 1        # dynamic
-TYPE_FIXED = 2         # static
-TYPE_UNDO = 3          # legacy, not handled
-TYPE_DIFF = 4          # differencing (snapshot)
+TYPE_NORMAL = 1  # dynamic
+TYPE_FIXED = 2  # static
+TYPE_UNDO = 3  # legacy, not handled
+TYPE_DIFF = 4  # differencing (snapshot)
 TYPE_NAMES = {TYPE_NORMAL: "dynamic", TYPE_FIXED: "fixed", TYPE_DIFF: "differencing"}
-TYPE_CODES = {"dynamic": TYPE_NORMAL, "normal": TYPE_NORMAL, "fixed": TYPE_FIXED,
-              "static": TYPE_FIXED, "differencing": TYPE_DIFF, "diff": TYPE_DIFF}
+TYPE_CODES = {
+    "dynamic": TYPE_NORMAL,
+    "normal": TYPE_NORMAL,
+    "fixed": TYPE_FIXED,
+    "static": TYPE_FIXED,
+    "differencing": TYPE_DIFF,
+    "diff": TYPE_DIFF,
+}
 
-BLOCK_FREE = 0xFFFFFFFF   # base image: zeros; diff image: the parent's data
-BLOCK_ZERO = 0xFFFFFFFE   # zeros, never inherited (discard, whole zero block)
+BLOCK_FREE = 0xFFFFFFFF  # base image: zeros; diff image: the parent's data
+BLOCK_ZERO = 0xFFFFFFFE  # zeros, never inherited (discard, whole zero block)
 MAX_BLOCK_INDEX = BLOCK_ZERO - 1
 SECTOR = 512
 MIN_BLOCK_SIZE = SECTOR
-MAX_BLOCK_SIZE = 128 * 1024 * 1024   # VirtualBox opens 128 KiB .. 128 MiB
-DEFAULT_BLOCK_SIZE = 1024 * 1024     # the only size QEMU accepts
+MAX_BLOCK_SIZE = 128 * 1024 * 1024  # VirtualBox opens 128 KiB .. 128 MiB
+DEFAULT_BLOCK_SIZE = 1024 * 1024  # the only size QEMU accepts
 DESCRIPTION_SIZE = 256
 NULL_UUID = uuid.UUID(int=0)
 
@@ -112,7 +118,7 @@ class VdiHeader:
 
 def probe(head: bytes) -> bool:
     """True when ``head`` carries the VDI signature (the pre-header text is not checked)."""
-    return len(head) >= PRE_HEADER_SIZE and head[SIGNATURE_OFFSET:SIGNATURE_OFFSET + 4] == SIGNATURE_BYTES
+    return len(head) >= PRE_HEADER_SIZE and head[SIGNATURE_OFFSET : SIGNATURE_OFFSET + 4] == SIGNATURE_BYTES
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -131,30 +137,68 @@ def parse_header(buf: bytes, file_size: int) -> VdiHeader:
     text, _sig, version = PRE_HEADER_STRUCT.unpack_from(buf, 0)
     major = version >> 16
     if major == 0:
-        raise UnsupportedError(f"VDI header version 0.{version & 0xFFFF} (pre-1.1 VirtualBox) is not supported")
+        raise UnsupportedError(
+            f"VDI header version 0.{version & 0xFFFF} (pre-1.1 VirtualBox) is not supported"
+        )
     if major != 1:
         raise UnsupportedError(f"VDI header version {major}.{version & 0xFFFF} is not supported (only 1.x)")
     if len(buf) < PRE_HEADER_SIZE + HEADER_V1:
-        raise FormatError(f"truncated: the VDI header needs {PRE_HEADER_SIZE + HEADER_V1} bytes, file has {len(buf)}")
+        raise FormatError(
+            f"truncated: the VDI header needs {PRE_HEADER_SIZE + HEADER_V1} bytes, file has {len(buf)}"
+        )
     try:
-        (header_size, image_type, flags, description, offset_bmap, offset_data, cyl, heads, secs,
-         sector_size, _unused, disk_size, block_size, block_extra, blocks, allocated,
-         u_create, u_modify, u_link, u_parent) = HEADER_STRUCT.unpack_from(buf, PRE_HEADER_SIZE)
+        (
+            header_size,
+            image_type,
+            flags,
+            description,
+            offset_bmap,
+            offset_data,
+            cyl,
+            heads,
+            secs,
+            sector_size,
+            _unused,
+            disk_size,
+            block_size,
+            block_extra,
+            blocks,
+            allocated,
+            u_create,
+            u_modify,
+            u_link,
+            u_parent,
+        ) = HEADER_STRUCT.unpack_from(buf, PRE_HEADER_SIZE)
     except struct.error as exc:  # pragma: no cover - length checked above
         raise FormatError(f"unreadable VDI header: {exc}") from None
     h = VdiHeader(
-        text=text.split(b"\0", 1)[0], version=version, header_size=header_size,
-        image_type=image_type, flags=flags, description=description, offset_bmap=offset_bmap,
-        offset_data=offset_data, geometry=(cyl, heads, secs), sector_size=sector_size,
-        disk_size=disk_size, block_size=block_size, block_extra=block_extra,
-        blocks_in_image=blocks, blocks_allocated=allocated,
-        uuid_create=uuid.UUID(bytes_le=u_create), uuid_modify=uuid.UUID(bytes_le=u_modify),
-        uuid_link=uuid.UUID(bytes_le=u_link), uuid_parent_modify=uuid.UUID(bytes_le=u_parent))
+        text=text.split(b"\0", 1)[0],
+        version=version,
+        header_size=header_size,
+        image_type=image_type,
+        flags=flags,
+        description=description,
+        offset_bmap=offset_bmap,
+        offset_data=offset_data,
+        geometry=(cyl, heads, secs),
+        sector_size=sector_size,
+        disk_size=disk_size,
+        block_size=block_size,
+        block_extra=block_extra,
+        blocks_in_image=blocks,
+        blocks_allocated=allocated,
+        uuid_create=uuid.UUID(bytes_le=u_create),
+        uuid_modify=uuid.UUID(bytes_le=u_modify),
+        uuid_link=uuid.UUID(bytes_le=u_link),
+        uuid_parent_modify=uuid.UUID(bytes_le=u_parent),
+    )
     if header_size < HEADER_V1:
         raise FormatError(f"VDI header size {header_size:#x} is smaller than v1.1's {HEADER_V1:#x}")
     if header_size >= HEADER_V1PLUS:
         if len(buf) < HEADER_READ_SIZE:
-            raise FormatError(f"truncated: the VDI header needs {HEADER_READ_SIZE} bytes, file has {len(buf)}")
+            raise FormatError(
+                f"truncated: the VDI header needs {HEADER_READ_SIZE} bytes, file has {len(buf)}"
+            )
         h.lchs = LCHS_STRUCT.unpack_from(buf, PRE_HEADER_SIZE + HEADER_V1)
     _validate(h, file_size)
     return h
@@ -173,13 +217,19 @@ def _validate(h: VdiHeader, file_size: int) -> None:
         raise FormatError(f"VDI block count {h.blocks_in_image} is absurd")
     if h.disk_size > h.blocks_in_image * h.block_size:
         raise FormatError(
-            f"VDI disk size {h.disk_size} needs more than the {h.blocks_in_image} blocks of {h.block_size} bytes")
+            f"VDI disk size {h.disk_size} needs more than the {h.blocks_in_image} blocks "
+            f"of {h.block_size} bytes"
+        )
     header_end = PRE_HEADER_SIZE + h.header_size
     if h.offset_bmap < header_end:
-        raise FormatError(f"VDI block map offset {h.offset_bmap:#x} overlaps the header (ends {header_end:#x})")
+        raise FormatError(
+            f"VDI block map offset {h.offset_bmap:#x} overlaps the header (ends {header_end:#x})"
+        )
     if h.offset_bmap + h.map_bytes > file_size:
         raise FormatError(
-            f"VDI block map ({h.blocks_in_image} entries at {h.offset_bmap:#x}) runs past the end of the file ({file_size})")
+            f"VDI block map ({h.blocks_in_image} entries at {h.offset_bmap:#x}) "
+            f"runs past the end of the file ({file_size})"
+        )
     if h.offset_data < h.offset_bmap + h.map_bytes:
         raise FormatError(f"VDI data offset {h.offset_data:#x} overlaps the block map")
     if h.sector_size != SECTOR:
@@ -196,17 +246,37 @@ def pack_header(h: VdiHeader) -> bytes:
     """The header bytes (pre-header + v1 + LCHS when ``header_size`` ≥ 0x190), for creation."""
     text = h.text[:64]
     desc = h.description[:DESCRIPTION_SIZE]
-    for name, value in (("disk size", h.disk_size), ("block map offset", h.offset_bmap),
-                        ("data offset", h.offset_data), ("blocks", h.blocks_in_image),
-                        ("blocks allocated", h.blocks_allocated), ("block size", h.block_size)):
+    for name, value in (
+        ("disk size", h.disk_size),
+        ("block map offset", h.offset_bmap),
+        ("data offset", h.offset_data),
+        ("blocks", h.blocks_in_image),
+        ("blocks allocated", h.blocks_allocated),
+        ("block size", h.block_size),
+    ):
         limit = (1 << 64) - 1 if name == "disk size" else 0xFFFFFFFF
         if not 0 <= value <= limit:
             raise ValueError(f"VDI {name} {value} does not fit its field")
     out = PRE_HEADER_STRUCT.pack(text, SIGNATURE, h.version) + HEADER_STRUCT.pack(
-        h.header_size, h.image_type, h.flags, desc, h.offset_bmap, h.offset_data,
-        *h.geometry, h.sector_size, 0, h.disk_size, h.block_size, h.block_extra,
-        h.blocks_in_image, h.blocks_allocated, h.uuid_create.bytes_le, h.uuid_modify.bytes_le,
-        h.uuid_link.bytes_le, h.uuid_parent_modify.bytes_le)
+        h.header_size,
+        h.image_type,
+        h.flags,
+        desc,
+        h.offset_bmap,
+        h.offset_data,
+        *h.geometry,
+        h.sector_size,
+        0,
+        h.disk_size,
+        h.block_size,
+        h.block_extra,
+        h.blocks_in_image,
+        h.blocks_allocated,
+        h.uuid_create.bytes_le,
+        h.uuid_modify.bytes_le,
+        h.uuid_link.bytes_le,
+        h.uuid_parent_modify.bytes_le,
+    )
     if h.header_size >= HEADER_V1PLUS:
         out += LCHS_STRUCT.pack(*(h.lchs or (0, 0, 0, SECTOR)))
     return out

@@ -26,8 +26,12 @@ from .sparse import SparseVhd
 
 MAX_FINDINGS = 50
 SIZE_RULE = DriverOption(
-    name="size_rule", flag="--size-rule", choices=("auto", "chs", "current"), default="auto",
-    help="VHD virtual size: auto (QEMU 10's rule), chs or current")
+    name="size_rule",
+    flag="--size-rule",
+    choices=("auto", "chs", "current"),
+    default="auto",
+    help="VHD virtual size: auto (QEMU 10's rule), chs or current",
+)
 
 
 def open_layer(path: str, options: OpenOptions) -> Image:
@@ -37,7 +41,7 @@ def open_layer(path: str, options: OpenOptions) -> Image:
         return _open(path, f, options)
     except VhdfsError as exc:
         f.close()
-        raise exc.with_path(f.path)
+        raise exc.with_path(f.path) from None
     except (struct.error, ValueError, IndexError, OverflowError, MemoryError, UnicodeError) as exc:
         f.close()
         raise FormatError(f"corrupt VHD metadata ({type(exc).__name__}: {exc})", f.path) from None
@@ -51,8 +55,9 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
     footer, footer_offset, where, findings = read_footer(f, size)
     repair = bool(findings)  # every finding so far is about the footer
     if footer.disk_type not in fmt.DISK_TYPE_NAMES:
-        raise UnsupportedError(f"VHD disk type {footer.disk_type} is not supported "
-                               "(only fixed 2, dynamic 3, differencing 4)")
+        raise UnsupportedError(
+            f"VHD disk type {footer.disk_type} is not supported (only fixed 2, dynamic 3, differencing 4)"
+        )
     vsize, rule = fmt.virtual_size(footer, options.extra.get("size_rule", "auto"))
     if footer.disk_type == fmt.DISK_FIXED:
         if where != "tail":
@@ -60,8 +65,9 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
         if rule != "chs" and vsize > footer_offset:
             # only a CHS size may exceed the data (QEMU 2012 wrote such files); a larger
             # current_size means the data area was cut short
-            raise FormatError(f"fixed VHD claims {vsize} bytes but holds only {footer_offset} "
-                              "bytes of data (truncated?)")
+            raise FormatError(
+                f"fixed VHD claims {vsize} bytes but holds only {footer_offset} bytes of data (truncated?)"
+            )
         image: Image = FixedVhd(path, f, footer, footer_offset, vsize, rule, findings, repair)
     else:
         if vsize > fmt.MAX_VIRTUAL_SIZE:
@@ -69,8 +75,7 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
         layout = load_layout(f, footer, footer_offset, size, vsize)
         findings += layout.findings
         del findings[MAX_FINDINGS:]
-        image = SparseVhd(path, f, footer, footer_offset, size, layout, vsize, rule, findings,
-                          where, repair)
+        image = SparseVhd(path, f, footer, footer_offset, size, layout, vsize, rule, findings, where, repair)
         if footer.disk_type == fmt.DISK_DIFFERENCING:
             image.parent_ref = parent_ref(path, layout.header, layout.locators)
     if findings:
@@ -83,10 +88,16 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
     return image
 
 
-
-
 DRIVER = Driver(
-    name="vhd", title="VHD", suffixes=(".vhd", ".avhd"), probe=probe, open_layer=open_layer,
+    name="vhd",
+    title="VHD",
+    suffixes=(".vhd", ".avhd"),
+    probe=probe,
+    open_layer=open_layer,
     create=create_from_spec,
     limits=Limits(max_size=fmt.MAX_VIRTUAL_SIZE, block_sizes=(4096, 1 << 30)),
-    options=(SIZE_RULE,), resize=resize, compact=compact, repair=repair)
+    options=(SIZE_RULE,),
+    resize=resize,
+    compact=compact,
+    repair=repair,
+)

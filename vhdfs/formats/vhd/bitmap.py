@@ -8,7 +8,7 @@ O(runs), with a fast path when a range is all set or all clear.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 _REVERSE = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 

@@ -28,8 +28,9 @@ S = fmt.SECTOR
 
 def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
     if not isinstance(img, SparseVhd):
-        raise UnsupportedError("a fixed VHD has no blocks to release (convert it to a dynamic "
-                               "one with vhdfs convert)", img.path)
+        raise UnsupportedError(
+            "a fixed VHD has no blocks to release (convert it to a dynamic one with vhdfs convert)", img.path
+        )
     img.commit()
     f, B = img.file, img.block_size
     live = [i for i, e in enumerate(img.bat) if e != fmt.UNUSED_BAT]
@@ -54,8 +55,7 @@ def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
     moved = _pack(img, lambda n: progress(min(total, done + n), total))
     end = _new_end(img)
     old_size = f.size()
-    said = [f"released {len(freed)} block(s) that read the same without them",
-            f"moved {moved} block(s) down"]
+    said = [f"released {len(freed)} block(s) that read the same without them", f"moved {moved} block(s) down"]
     if end + fmt.FOOTER_SIZE < old_size:
         f.pwrite(img.footer.pack(), end)
         f.sync()
@@ -82,7 +82,7 @@ def _pack(img: SparseVhd, tick: Callable[[int], None]) -> int:
     regions = _metadata(img)
     size = f.size()
     blocks = sorted((e * S, i) for i, e in enumerate(img.bat) if e != fmt.UNUSED_BAT)
-    pos = _aligned(img, 0)   # gaps between metadata are used too: nothing lives there
+    pos = _aligned(img, 0)  # gaps between metadata are used too: nothing lives there
     moved = 0
     for off, i in blocks:
         while True:
@@ -90,12 +90,12 @@ def _pack(img: SparseVhd, tick: Callable[[int], None]) -> int:
             if not hit:
                 break
             pos = _aligned(img, max(hit))
-        if off - pos < stride:     # already low, or the copy would overlap its own source
+        if off - pos < stride:  # already low, or the copy would overlap its own source
             pos = _aligned(img, max(pos, off + stride))
             continue
         data = f.pread(min(stride, size - off), off)
         f.pwrite(data, pos)
-        f.sync()                   # the copy is durable before the entry moves
+        f.sync()  # the copy is durable before the entry moves
         f.pwrite(struct.pack(">I", pos // S), img.header.table_offset + 4 * i)
         f.sync()
         img.bat[i] = pos // S

@@ -10,12 +10,13 @@ again if anything fails before it is complete.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
-from ...errors import UsageError, VhdfsError
 from ...block.driver import CreateSpec
 from ...block.rawfile import new_file, write_all
+from ...errors import UsageError, VhdfsError
 from . import spec as fmt
+from . import spec_locators as vloc
 
 DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 # Below 4 KiB the spec's bitmap is ceil(B/4096) bytes padded to a sector, but QEMU, VirtualBox
@@ -26,13 +27,25 @@ TYPES = {"fixed": fmt.DISK_FIXED, "dynamic": fmt.DISK_DYNAMIC, "differencing": f
 
 def create_from_spec(spec: CreateSpec) -> None:
     """The driver's entry point: a new VHD as ``spec`` describes (already validated by tools)."""
-    create_vhd(spec.path, spec.size, spec.type, parent=spec.parent,
-               block_size=spec.block_size or DEFAULT_BLOCK_SIZE, parent_dirs=spec.parent_dirs)
+    create_vhd(
+        spec.path,
+        spec.size,
+        spec.type,
+        parent=spec.parent,
+        block_size=spec.block_size or DEFAULT_BLOCK_SIZE,
+        parent_dirs=spec.parent_dirs,
+    )
 
 
-def create_vhd(path: str | os.PathLike[str], size: int | None = None, type: str = "dynamic", *,
-               parent: str | os.PathLike[str] | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-               parent_dirs: Iterable[str | os.PathLike[str]] = ()) -> None:
+def create_vhd(
+    path: str | os.PathLike[str],
+    size: int | None = None,
+    type: str = "dynamic",
+    *,
+    parent: str | os.PathLike[str] | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    parent_dirs: Iterable[str | os.PathLike[str]] = (),
+) -> None:
     """Create a new VHD at ``path``.
 
     ``size`` (bytes, rounded up to a sector) is required for fixed and dynamic disks; a
@@ -47,8 +60,11 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, type: str 
     except VhdfsError as exc:
         raise UsageError(exc.message, path) from None
     if block_size < MIN_BLOCK_SIZE:
-        raise UsageError(f"block size {block_size} is below 4 KiB: QEMU, VirtualBox and blktap "
-                         "would misplace the sector bitmap of such blocks", path)
+        raise UsageError(
+            f"block size {block_size} is below 4 KiB: QEMU, VirtualBox and blktap "
+            "would misplace the sector bitmap of such blocks",
+            path,
+        )
     if type == "differencing":
         if parent is None:
             raise UsageError("a differencing VHD needs a parent", path)
@@ -68,8 +84,12 @@ def create_vhd(path: str | os.PathLike[str], size: int | None = None, type: str 
     _write_new_file(path, layout)
 
 
-def _sparse_layout(footer: fmt.Footer, block_size: int, parent_info: tuple[bytes, int, bytes] | None,
-                   locator_paths: list[tuple[int, str]]) -> list[tuple[int, bytes]]:
+def _sparse_layout(
+    footer: fmt.Footer,
+    block_size: int,
+    parent_info: tuple[bytes, int, bytes] | None,
+    locator_paths: list[tuple[int, str]],
+) -> list[tuple[int, bytes]]:
     """(offset, bytes) pieces: footer copy, header, empty BAT, locators, footer."""
     entries = (footer.current_size + block_size - 1) // block_size
     table_offset = fmt.FOOTER_SIZE + fmt.HEADER_SIZE
@@ -77,25 +97,33 @@ def _sparse_layout(footer: fmt.Footer, block_size: int, parent_info: tuple[bytes
     pieces: list[tuple[int, bytes]] = [(table_offset, b"\xff" * fmt.bat_bytes(entries))]
     locators: list[fmt.Locator] = []
     for code, value in locator_paths:
-        data = fmt.encode_w2_locator(value)
+        data = vloc.encode_w2_locator(value)
         space = (len(data) + fmt.SECTOR - 1) // fmt.SECTOR * fmt.SECTOR
         locators.append(fmt.Locator(code, space, len(data), 0, pos))
         pieces.append((pos, data.ljust(space, b"\0")))
         pos += space
     parent_id, parent_ts, parent_name = parent_info or (bytes(16), 0, b"")
     header = fmt.DynamicHeader(
-        data_offset=fmt.HEADER_DATA_OFFSET, table_offset=table_offset,
-        header_version=fmt.HEADER_VERSION, max_table_entries=entries, block_size=block_size,
-        checksum=0, parent_id=parent_id, parent_timestamp=parent_ts,
-        parent_name_raw=parent_name, locators=locators)
+        data_offset=fmt.HEADER_DATA_OFFSET,
+        table_offset=table_offset,
+        header_version=fmt.HEADER_VERSION,
+        max_table_entries=entries,
+        block_size=block_size,
+        checksum=0,
+        parent_id=parent_id,
+        parent_timestamp=parent_ts,
+        parent_name_raw=parent_name,
+        locators=locators,
+    )
     raw_footer = footer.pack()
     return [(0, raw_footer), (fmt.FOOTER_SIZE, header.pack()), *pieces, (pos, raw_footer)]
 
 
-def _differencing_layout(path: str, parent: str, block_size: int,
-                         parent_dirs: Iterable[str | os.PathLike[str]],
-                         size: int | None) -> list[tuple[int, bytes]]:
+def _differencing_layout(
+    path: str, parent: str, block_size: int, parent_dirs: Iterable[str | os.PathLike[str]], size: int | None
+) -> list[tuple[int, bytes]]:
     from ...block.chain import open_image
+
     parent_abs = os.path.abspath(parent)
     with open_image(parent_abs, parent_dirs=parent_dirs) as top:
         if top.format != "vhd":
@@ -106,8 +134,9 @@ def _differencing_layout(path: str, parent: str, block_size: int,
         raise UsageError(f"parent {parent_abs} is larger than 2040 GiB", path)
     if size is not None and size != vsize:
         raise UsageError(f"a differencing VHD has its parent's size ({vsize}), not {size}", path)
-    footer = fmt.make_footer(vsize, fmt.DISK_DIFFERENCING,
-                             geometry=(pfoot.cylinders, pfoot.heads, pfoot.sectors))
+    footer = fmt.make_footer(
+        vsize, fmt.DISK_DIFFERENCING, geometry=(pfoot.cylinders, pfoot.heads, pfoot.sectors)
+    )
     name = os.path.basename(parent_abs)
     name_raw = name.encode("utf-16-be", errors="surrogatepass")
     if len(name_raw) > 512:
@@ -118,9 +147,12 @@ def _differencing_layout(path: str, parent: str, block_size: int,
     if not relative.startswith(".."):
         relative = ".\\" + relative
     absolute = parent_abs.replace("/", "\\")
-    return _sparse_layout(footer, block_size,
-                          (pfoot.unique_id, fmt.vhd_timestamp(mtime), name_raw),
-                          [(fmt.PLAT_W2KU, absolute), (fmt.PLAT_W2RU, relative)])
+    return _sparse_layout(
+        footer,
+        block_size,
+        (pfoot.unique_id, fmt.vhd_timestamp(mtime), name_raw),
+        [(fmt.PLAT_W2KU, absolute), (fmt.PLAT_W2RU, relative)],
+    )
 
 
 def _write_new_file(path: str, pieces: list[tuple[int, bytes]]) -> None:

@@ -18,12 +18,12 @@ from ...block.driver import Finding, error, note
 
 # substrings of findings that are notes; everything else is an error
 _NOTES = (
-    "bytes of trailing data after the footer",       # copy tools pad files
-    "batmap",                                         # blktap's optional map: ignored when bad
-    "has an invalid data space",                      # a spare locator; the parent is found
-    "lies outside the file",                          # ... by another locator or by name
+    "bytes of trailing data after the footer",  # copy tools pad files
+    "batmap",  # blktap's optional map: ignored when bad
+    "has an invalid data space",  # a spare locator; the parent is found
+    "lies outside the file",  # ... by another locator or by name
     "; ignored",
-    "bitmap bits set past the virtual end",           # Disk2vhd, mkimg, blktap, XO
+    "bitmap bits set past the virtual end",  # Disk2vhd, mkimg, blktap, XO
 )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ...block.driver import Finding
 from ...block.image import Extent, Image, Kind
@@ -16,13 +17,22 @@ from .footer import describe_footer
 class FixedVhd(Image):
     """A fixed VHD: virtual offset = file offset, footer after the data."""
 
-    file: RawFile   # always open (narrows Image.file)
+    file: RawFile  # always open (narrows Image.file)
 
     format = "vhd"
     type = "fixed"
 
-    def __init__(self, path: str, f: RawFile, footer: fmt.Footer, footer_offset: int,
-                 size: int, size_rule: str, findings: list[str], repair_footer: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        f: RawFile,
+        footer: fmt.Footer,
+        footer_offset: int,
+        size: int,
+        size_rule: str,
+        findings: list[str],
+        repair_footer: bool = False,
+    ) -> None:
         super().__init__(path, size, f.writable)
         self.file = f
         self.footer = footer
@@ -56,7 +66,9 @@ class FixedVhd(Image):
         if offset + len(data) > self.data_size:
             raise UnsupportedError(
                 f"write at {offset} reaches past the data area ({self.data_size} bytes) of this "
-                "fixed VHD, whose virtual size comes from its CHS geometry", self.path)
+                "fixed VHD, whose virtual size comes from its CHS geometry",
+                self.path,
+            )
         self.file.pwrite(data, offset)
 
     def write_is_in_place(self, offset: int, length: int) -> bool:

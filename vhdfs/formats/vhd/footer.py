@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ...block.driver import CERTAIN, LIKELY, NO, ProbeData
 from ...block.rawfile import RawFile
@@ -21,14 +22,17 @@ TRAILING_SCAN = 4 * 1024 * 1024  # how far back from the end to look for a padde
 def probe(data: ProbeData) -> int:
     """CERTAIN for a footer at the end or a dynamic disk's head copy; LIKELY for a padded footer."""
     head, tail, file_size = data.head, data.tail, data.size
-    if file_size >= fmt.FOOTER_SIZE and tail[-fmt.FOOTER_SIZE:][:8] == fmt.FOOTER_COOKIE:
+    if file_size >= fmt.FOOTER_SIZE and tail[-fmt.FOOTER_SIZE :][:8] == fmt.FOOTER_COOKIE:
         return CERTAIN
     if file_size % fmt.SECTOR == 511 and len(tail) >= 511 and tail[-511:][:8] == fmt.FOOTER_COOKIE:
         return CERTAIN
-    if (len(head) >= fmt.FOOTER_SIZE and head[:8] == fmt.FOOTER_COOKIE
-            and head[0x3C:0x40] in (b"\0\0\0\3", b"\0\0\0\4")):
+    if (
+        len(head) >= fmt.FOOTER_SIZE
+        and head[:8] == fmt.FOOTER_COOKIE
+        and head[0x3C:0x40] in (b"\0\0\0\3", b"\0\0\0\4")
+    ):
         return CERTAIN
-    try:   # a footer followed by junk (copy tools pad files); see ``find_footer``
+    try:  # a footer followed by junk (copy tools pad files); see ``find_footer``
         found = find_footer(lambda n, off: os.pread(data.fd, n, off), file_size)
     except (OSError, struct.error, ValueError):
         return NO
@@ -52,9 +56,12 @@ def find_footer(pread: Callable[[int, int], bytes], file_size: int) -> int | Non
         if pos < 0:
             return None
         off = start + pos
-        if off % fmt.SECTOR == 0 and pos + fmt.FOOTER_SIZE <= len(buf):
-            if fmt.parse_footer(buf[pos:pos + fmt.FOOTER_SIZE]).checksum_ok:
-                return off
+        if (
+            off % fmt.SECTOR == 0
+            and pos + fmt.FOOTER_SIZE <= len(buf)
+            and fmt.parse_footer(buf[pos : pos + fmt.FOOTER_SIZE]).checksum_ok
+        ):
+            return off
     return None
 
 
@@ -76,8 +83,10 @@ def read_footer(f: RawFile, size: int) -> tuple[fmt.Footer, int, str, list[str]]
         found = find_footer(f.pread, size)
         if found is not None:
             tail, tail_off = fmt.parse_footer(f.pread(fmt.FOOTER_SIZE, found)), found
-            findings.append(f"{size - found - fmt.FOOTER_SIZE} bytes of trailing data after the "
-                            f"footer at offset {found} (ignored)")
+            findings.append(
+                f"{size - found - fmt.FOOTER_SIZE} bytes of trailing data after the "
+                f"footer at offset {found} (ignored)"
+            )
     head_raw = f.pread(fmt.FOOTER_SIZE, 0)
     head = fmt.parse_footer(head_raw) if head_raw[:8] == fmt.FOOTER_COOKIE else None
     head_ok = head is not None and head.checksum_ok and head.disk_type in (3, 4)
@@ -85,7 +94,9 @@ def read_footer(f: RawFile, size: int) -> tuple[fmt.Footer, int, str, list[str]]
         footer, where = tail, "tail"
     elif tail is not None and head_ok and tail_off != 0:
         assert head is not None
-        findings.append(f"footer checksum mismatch (stored 0x{tail.checksum:08x}); using the copy at offset 0")
+        findings.append(
+            f"footer checksum mismatch (stored 0x{tail.checksum:08x}); using the copy at offset 0"
+        )
         footer, where = head, "head"
     elif tail is not None:
         findings.append(f"footer checksum mismatch (stored 0x{tail.checksum:08x})")
@@ -108,14 +119,20 @@ def read_footer(f: RawFile, size: int) -> tuple[fmt.Footer, int, str, list[str]]
 def describe_footer(footer: fmt.Footer, size_rule: str, where: str) -> dict[str, Any]:
     """The footer fields ``vhdfs info`` shows, shared by every VHD type."""
     return {
-        "format": "vhd", "type": footer.type_name, "uuid": fmt.uuid_str(footer.unique_id),
+        "format": "vhd",
+        "type": footer.type_name,
+        "uuid": fmt.uuid_str(footer.unique_id),
         "creator_app": fmt.fourcc(footer.creator_app),
         "creator_app_name": fmt.CREATOR_APPS.get(footer.creator_app, "unknown"),
         "creator_version": fmt.version_str(footer.creator_version),
         "creator_os": fmt.fourcc(footer.creator_os),
         "timestamp": fmt.unix_time(footer.timestamp),
-        "original_size": footer.original_size, "current_size": footer.current_size,
-        "geometry": [footer.cylinders, footer.heads, footer.sectors], "chs_size": footer.chs_size,
-        "size_rule": size_rule, "footer_checksum_ok": footer.checksum_ok, "footer_from": where,
+        "original_size": footer.original_size,
+        "current_size": footer.current_size,
+        "geometry": [footer.cylinders, footer.heads, footer.sectors],
+        "chs_size": footer.chs_size,
+        "size_rule": size_rule,
+        "footer_checksum_ok": footer.checksum_ok,
+        "footer_from": where,
         "saved_state": bool(footer.saved_state),
     }

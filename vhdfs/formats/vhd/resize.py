@@ -36,8 +36,9 @@ MiB = 1024 * 1024
 S = fmt.SECTOR
 
 
-def plan_size(footer: fmt.Footer, requested: int, fixed: bool, rule: str
-              ) -> tuple[int, tuple[int, int, int], list[str]]:
+def plan_size(
+    footer: fmt.Footer, requested: int, fixed: bool, rule: str
+) -> tuple[int, tuple[int, int, int], list[str]]:
     """(size, geometry, what was applied) for ``requested`` bytes."""
     said: list[str] = []
     size = -(-requested // S) * S
@@ -45,35 +46,45 @@ def plan_size(footer: fmt.Footer, requested: int, fixed: bool, rule: str
         said.append(f"rounded up to {size} bytes (whole 512-byte sectors)")
     if fixed and footer.creator_app == b"wa\0\0":
         mib = -(-size // MiB) * MiB
-        said.append("size rule: Azure (creator 'wa'), a fixed image is a whole number of MiB"
-                    + (f": rounded up to {mib}" if mib != size else ""))
+        said.append(
+            "size rule: Azure (creator 'wa'), a fixed image is a whole number of MiB"
+            + (f": rounded up to {mib}" if mib != size else "")
+        )
         size = mib
     geometry = (footer.cylinders, footer.heads, footer.sectors)
     exact = rule != "chs" and footer.chs_size == footer.current_size and geometry != fmt.MAX_CHS
     if geometry == fmt.MAX_CHS and rule != "chs":
-        said.append(f"size rule: current_size {size} exact, maximum geometry kept (it tells "
-                    "every reader to use current_size)")
+        said.append(
+            f"size rule: current_size {size} exact, maximum geometry kept (it tells "
+            "every reader to use current_size)"
+        )
         return size, fmt.MAX_CHS, said
     if rule == "chs" or exact:
         if exact:
-            said.append("the writer made C·H·S·512 equal the size, so CHS readers (Virtual PC, "
-                        "QEMU before 10) agree; kept so")
+            said.append(
+                "the writer made C·H·S·512 equal the size, so CHS readers (Virtual PC, "
+                "QEMU before 10) agree; kept so"
+            )
         total = size // S
         geom = fmt.chs_geometry(total * S)
         if total > fmt.MAX_CHS[0] * fmt.MAX_CHS[1] * fmt.MAX_CHS[2]:
             geom = fmt.MAX_CHS
-            said.append("size rule: beyond what CHS can describe, so maximum geometry and the "
-                        "exact size (every reader then uses current_size)")
+            said.append(
+                "size rule: beyond what CHS can describe, so maximum geometry and the "
+                "exact size (every reader then uses current_size)"
+            )
         else:
             i = 0
             while geom[0] * geom[1] * geom[2] < total:
                 i += 1
                 geom = fmt.chs_geometry((total + i) * S)
             chs = geom[0] * geom[1] * geom[2] * S
-            said.append(f"size rule: CHS (creator '{fmt.fourcc(footer.creator_app)}'"
-                        f"{', CHS-exact' if exact else ''}): geometry "
-                        f"{geom[0]}/{geom[1]}/{geom[2]}, size C·H·S·512 = {chs}"
-                        + (f" (rounded up from {size})" if chs != size else ""))
+            said.append(
+                f"size rule: CHS (creator '{fmt.fourcc(footer.creator_app)}'"
+                f"{', CHS-exact' if exact else ''}): geometry "
+                f"{geom[0]}/{geom[1]}/{geom[2]}, size C·H·S·512 = {chs}"
+                + (f" (rounded up from {size})" if chs != size else "")
+            )
             size = chs
     else:
         geom = fmt.chs_geometry(size)
@@ -82,8 +93,9 @@ def plan_size(footer: fmt.Footer, requested: int, fixed: bool, rule: str
 
 
 def _new_footer(footer: fmt.Footer, size: int, geom: tuple[int, int, int]) -> fmt.Footer:
-    return dataclasses.replace(footer, current_size=size, cylinders=geom[0], heads=geom[1],
-                               sectors=geom[2], checksum_ok=True)
+    return dataclasses.replace(
+        footer, current_size=size, cylinders=geom[0], heads=geom[1], sectors=geom[2], checksum_ok=True
+    )
 
 
 def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> list[str]:
@@ -91,15 +103,19 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
         return _resize_fixed(img, requested, ensure_zero)
     assert isinstance(img, SparseVhd)
     if img.differencing:
-        raise UnsupportedError("a differencing VHD has its parent's size: resize the base image "
-                               "(vhdfs refuses a chain whose sizes differ)", img.path)
+        raise UnsupportedError(
+            "a differencing VHD has its parent's size: resize the base image "
+            "(vhdfs refuses a chain whose sizes differ)",
+            img.path,
+        )
     return _resize_sparse(img, requested, ensure_zero)
 
 
 def _resize_fixed(img: FixedVhd, requested: int, ensure_zero: Callable[[int], None]) -> list[str]:
     if img.data_size < img.size:
-        raise UnsupportedError("this fixed VHD's CHS size exceeds its data area; convert it to a "
-                               "new image instead", img.path)
+        raise UnsupportedError(
+            "this fixed VHD's CHS size exceeds its data area; convert it to a new image instead", img.path
+        )
     size, geom, said = plan_size(img.footer, requested, True, img.size_rule)
     old, f = img.size, img.file
     if size > fmt.MAX_VIRTUAL_SIZE:
@@ -108,13 +124,13 @@ def _resize_fixed(img: FixedVhd, requested: int, ensure_zero: Callable[[int], No
         return [*said, "size unchanged"]
     new = _new_footer(img.footer, size, geom).pack()
     if size > old:
-        f.pwrite(img.footer.pack(), size)       # 1) EOF keeps a footer: the old one, moved
+        f.pwrite(img.footer.pack(), size)  # 1) EOF keeps a footer: the old one, moved
         f.sync()
-        f.write_parts([fmt.FOOTER_SIZE], img.footer_offset)   # 2) old footer → zero data
+        f.write_parts([fmt.FOOTER_SIZE], img.footer_offset)  # 2) old footer → zero data
         f.sync()
-        f.pwrite(new, size)                     # 3) the new size
+        f.pwrite(new, size)  # 3) the new size
         f.sync()
-        f.truncate(size + fmt.FOOTER_SIZE)      # (a 511-byte footer or padding: now exact)
+        f.truncate(size + fmt.FOOTER_SIZE)  # (a 511-byte footer or padding: now exact)
     else:
         ensure_zero(size)
         f.pwrite(new, size)
@@ -152,7 +168,7 @@ def _resize_sparse(img: SparseVhd, requested: int, ensure_zero: Callable[[int], 
     if size > old:
         last = (old - 1) // B
         rel = old - last * B
-        if rel < B and img.bat[last] != fmt.UNUSED_BAT:   # the old end inside a block: zero the rest
+        if rel < B and img.bat[last] != fmt.UNUSED_BAT:  # the old end inside a block: zero the rest
             f.write_parts([B - rel], img.bat[last] * S + img.bitmap_bytes + rel)
             f.sync()
         if need > img.header.max_table_entries:
@@ -162,7 +178,7 @@ def _resize_sparse(img: SparseVhd, requested: int, ensure_zero: Callable[[int], 
     f.sync()
     f.pwrite(new, 0)
     f.sync()
-    if need < img.header.max_table_entries:   # exact BAT length (Azure wants it)
+    if need < img.header.max_table_entries:  # exact BAT length (Azure wants it)
         img.header.max_table_entries = need
         f.pwrite(img.header.pack(), img.footer.data_offset)
         f.sync()
@@ -182,14 +198,14 @@ def _grow_bat(img: SparseVhd, entries: int) -> str:
     target = old_off if in_place else -(-max(img.floor, img.footer_offset + fmt.FOOTER_SIZE) // S) * S
     end = target + new_len
     table = bytearray(b"\xff" * new_len)
-    table[:4 * old_n] = struct.pack(f">{old_n}I", *img.bat)
+    table[: 4 * old_n] = struct.pack(f">{old_n}I", *img.bat)
     old_footer = img.footer_offset
-    if end > old_footer:   # the table reaches the footer: move the footer first
+    if end > old_footer:  # the table reaches the footer: move the footer first
         f.pwrite(img.footer.pack(), end)
         f.sync()
         img.footer_offset = end
     if in_place:
-        f.pwrite(table[4 * old_n:], lo)
+        f.pwrite(table[4 * old_n :], lo)
     else:
         f.pwrite(table, target)
     f.sync()
@@ -197,6 +213,6 @@ def _grow_bat(img: SparseVhd, entries: int) -> str:
     f.pwrite(h.pack(), img.footer.data_offset)
     f.sync()
     if old_footer != img.footer_offset and not (target <= old_footer < end):
-        f.write_parts([fmt.FOOTER_SIZE], old_footer)   # the stale footer copy in the middle
+        f.write_parts([fmt.FOOTER_SIZE], old_footer)  # the stale footer copy in the middle
     where = f"extended in place at {old_off}" if in_place else f"moved from {old_off} to {target}"
     return f"BAT {old_n} → {entries} entries, {where}"

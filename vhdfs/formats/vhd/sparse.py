@@ -7,48 +7,52 @@ the extent map to crash-safe allocation, is shared.
 Locking: ``map_layer`` and in-place data writes take no lock; anything that allocates a block,
 changes a bitmap, the BAT or the batmap holds ``self.meta_lock`` across plan → write → publish.
 
-Group commit: the metadata that makes new data visible (a new block's BAT entry, bits set in a
-differencing block's bitmap) must never reach the disk before that data. Rather than an
-fdatasync per block (which bounded sequential writes at ~0.66x a raw file), such entries wait in
-memory and go out together at the next commit (``flush``, a discard, a daemon's committer, or
-every ``block.pending.COMMIT_BYTES`` of pending blocks): one fdatasync for all the data, then the
-BAT entries, then the bitmaps (``Image.commit`` over ``self.pending``, see ``block/pending.py``).
-Until then they are unpromised writes: a crash loses them (the blocks become leaked space, the
-old data shows), exactly as it may lose any write not yet flushed. A commit that fails rolls the
-in-memory view back to what the file says, so the open image never claims what the disk does
-not hold.
+Group commit: new BAT entries and differencing bitmap bits wait in ``self.pending`` and reach
+the disk after one fdatasync for the data they point at (``Image.commit``; docs/concurrency.md).
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from ...errors import FormatError, ReadOnlyError
-from . import spec as fmt
 from ...block.driver import Finding, note
 from ...block.image import Extent, Image, Kind
 from ...block.pending import PendingBlobs, PendingGroup, PendingTable
 from ...block.rawfile import RawFile
+from ...errors import FormatError
+from . import spec as fmt
 from .bitmap import all_set, count_set, runs, set_bits
 from .findings import classify
 from .layout import SparseLayout, count_unused
 
-_FULL = None                 # bitmap cache value for "every sector present"
+_FULL = None  # bitmap cache value for "every sector present"
 BITMAP_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class SparseVhd(Image):
     """A dynamic (type 3) or differencing (type 4) VHD layer."""
 
-    file: RawFile   # always open (narrows Image.file)
+    file: RawFile  # always open (narrows Image.file)
 
     format = "vhd"
 
-    def __init__(self, path: str, f: RawFile, footer: fmt.Footer, footer_offset: int,
-                 file_size: int, layout: SparseLayout, size: int, size_rule: str,
-                 findings: list[str], footer_where: str, repair_footer: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        f: RawFile,
+        footer: fmt.Footer,
+        footer_offset: int,
+        file_size: int,
+        layout: SparseLayout,
+        size: int,
+        size_rule: str,
+        findings: list[str],
+        footer_where: str,
+        repair_footer: bool = False,
+    ) -> None:
         super().__init__(path, size, f.writable)
         self.file = f
         self.footer = footer
@@ -63,14 +67,14 @@ class SparseVhd(Image):
         self.bitmap_bytes = layout.bitmap_bytes
         self.bat = layout.bat
         self.batmap = layout.batmap
-        self.footer_offset = footer_offset   # where the authoritative footer sits now
+        self.footer_offset = footer_offset  # where the authoritative footer sits now
         self.file_size = file_size
-        self.floor = layout.floor            # first byte a new block may use
+        self.floor = layout.floor  # first byte a new block may use
         self._hole = Kind.BACKING if self.differencing else Kind.ZERO
         self._bitmaps: dict[int, bytes | None] = {}
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
-        self._repair_footer = repair_footer and f.writable   # forced open of a damaged footer
+        self._repair_footer = repair_footer and f.writable  # forced open of a damaged footer
         # Group commit (see the module docstring): written at the next commit, after a sync.
         # New blocks' BAT entries first, then whole differencing bitmaps of blocks the file
         # already points at (a bitmap replaced since a snapshot stays pending).
@@ -90,14 +94,15 @@ class SparseVhd(Image):
             return self._bitmaps[block]
         except KeyError:
             pass
-        pending = self._pending_bitmaps.get(block)   # evicted from the cache, not yet on disk
+        pending = self._pending_bitmaps.get(block)  # evicted from the cache, not yet on disk
         if pending is not None:
             return None if all_set(pending, 0, self.block_size // fmt.SECTOR) else pending
         if self.batmap is not None and self.batmap.is_full(block):
             bm = None
         else:
-            raw = self.file.pread(self.bitmap_bytes,
-                                  (self.bat[block] if entry is None else entry) * fmt.SECTOR)
+            raw = self.file.pread(
+                self.bitmap_bytes, (self.bat[block] if entry is None else entry) * fmt.SECTOR
+            )
             spb = self.block_size // fmt.SECTOR
             bm = None if all_set(raw, 0, spb) else raw
         self._remember(block, bm)
@@ -123,8 +128,12 @@ class SparseVhd(Image):
         B, bat, cached = self.block_size, self.bat, self._bitmaps
         i, last = offset // B, (offset + max(length, 1) - 1) // B
         while i <= last:
-            if (i not in cached and bat[i] != fmt.UNUSED_BAT and i not in self._pending_bitmaps
-                    and not (self.batmap is not None and self.batmap.is_full(i))):
+            if (
+                i not in cached
+                and bat[i] != fmt.UNUSED_BAT
+                and i not in self._pending_bitmaps
+                and not (self.batmap is not None and self.batmap.is_full(i))
+            ):
                 return False
             i += 1
         return True
@@ -187,7 +196,7 @@ class SparseVhd(Image):
             if not self._repair_footer:
                 return
             raw = self.footer.pack()
-            if self.footer_offset >= self.file_size:    # no footer at the end at all
+            if self.footer_offset >= self.file_size:  # no footer at the end at all
                 self.footer_offset = max(self.floor, self.file_size)
             self.file.pwrite(raw, self.footer_offset)
             self.file.pwrite(raw, 0)
@@ -203,7 +212,7 @@ class SparseVhd(Image):
             pos = offset + done
             i = pos // B
             n = min((i + 1) * B - pos, len(data) - done)
-            chunk = data[done:done + n]
+            chunk = data[done : done + n]
             if self._in_place(i, pos, n):
                 self.file.pwrite(chunk, self._data_offset(i, pos))
             else:
@@ -241,8 +250,9 @@ class SparseVhd(Image):
             self.file.write_parts(parts, self._data_offset(i, a))
         self._remember(i, None if all_set(bm, 0, self.block_size // fmt.SECTOR) else bytes(bm))
 
-    def _merge_edges(self, a: int, e: int, pos: int, n: int, chunk: memoryview | None
-                     ) -> tuple[bytes, memoryview | None, int, bytes]:
+    def _merge_edges(
+        self, a: int, e: int, pos: int, n: int, chunk: memoryview | None
+    ) -> tuple[bytes, memoryview | None, int, bytes]:
         """Split a write into (head sector, middle, middle length, tail sector).
 
         A partially covered sector is completed with what the chain shows there now: the
@@ -253,20 +263,20 @@ class SparseVhd(Image):
         piece = (lambda lo, hi: bytes(chunk[lo:hi])) if chunk is not None else (lambda lo, hi: bytes(hi - lo))
         if e - a == S and (pos != a or pos + n != e):
             buf = bytearray(self.read(a, S))
-            buf[pos - a:pos - a + n] = piece(0, n)
+            buf[pos - a : pos - a + n] = piece(0, n)
             return bytes(buf), None, 0, b""
         hk = a + S - pos if pos != a else 0
         tk = pos + n - (e - S) if pos + n != e else 0
         head = tail = b""
         if hk:
             buf = bytearray(self.read(a, S))
-            buf[pos - a:] = piece(0, hk)
+            buf[pos - a :] = piece(0, hk)
             head = bytes(buf)
         if tk:
             buf = bytearray(self.read(e - S, S))
             buf[:tk] = piece(n - tk, n)
             tail = bytes(buf)
-        mid = chunk[hk:n - tk] if chunk is not None else None
+        mid = chunk[hk : n - tk] if chunk is not None else None
         return head, mid, n - hk - tk, tail
 
     def _alloc_position(self) -> int:
@@ -276,8 +286,17 @@ class SparseVhd(Image):
             pos = (pos + self.bitmap_bytes + 4095) // 4096 * 4096 - self.bitmap_bytes
         return pos
 
-    def _allocate(self, i: int, s0: int, s1: int, rel: int, head: bytes, mid: memoryview | None,
-                  mid_len: int, tail: bytes) -> None:
+    def _allocate(
+        self,
+        i: int,
+        s0: int,
+        s1: int,
+        rel: int,
+        head: bytes,
+        mid: memoryview | None,
+        mid_len: int,
+        tail: bytes,
+    ) -> None:
         """Crash-safe allocation (FORMATS.md §3.3): footer, bitmap+data now; BAT entry at commit.
 
         The BAT entry is written only after the commit's sync made the block durable, so
@@ -289,7 +308,7 @@ class SparseVhd(Image):
             raise FormatError("image file would grow past 2 TiB (VHD sector numbers are 32-bit)", self.path)
         self._clear_batmap_bit(i)
         if self.differencing:
-            bitmap = bytearray(self.bitmap_bytes)   # only written sectors hide the parent
+            bitmap = bytearray(self.bitmap_bytes)  # only written sectors hide the parent
             set_bits(bitmap, s0, s1)
         else:
             # The whole block is zeros on disk (a hole past the old EOF, old bytes zeroed
@@ -347,7 +366,7 @@ class SparseVhd(Image):
         self._ensure_footer()
         B, pos, end = self.block_size, offset, offset + length
         with self.meta_lock:
-            self.commit()   # a freed entry must not be overwritten by a pending one later
+            self.commit()  # a freed entry must not be overwritten by a pending one later
             while pos < end:
                 i = pos // B
                 n = min((i + 1) * B, end) - pos
@@ -380,21 +399,39 @@ class SparseVhd(Image):
 
     def describe(self) -> dict[str, Any]:
         from .fixed import describe_footer
+
         h = self.header
         out = describe_footer(self.footer, self.size_rule, self.footer_where)
-        out.update({
-            "type": self.type, "block_size": self.block_size, "max_table_entries": h.max_table_entries,
-            "allocated_blocks": self.allocated_blocks(), "bat_offset": h.table_offset,
-            "header_checksum_ok": h.checksum_ok, "batmap": self.batmap is not None,
-        })
+        out.update(
+            {
+                "type": self.type,
+                "block_size": self.block_size,
+                "max_table_entries": h.max_table_entries,
+                "allocated_blocks": self.allocated_blocks(),
+                "bat_offset": h.table_offset,
+                "header_checksum_ok": h.checksum_ok,
+                "batmap": self.batmap is not None,
+            }
+        )
         if self.differencing:
-            out.update({
-                "parent_name": h.parent_name, "parent_uuid": fmt.uuid_str(h.parent_id),
-                "parent_timestamp": fmt.unix_time(h.parent_timestamp),
-                "parent_locators": [{"index": i, "platform": loc.name, "offset": loc.data_offset,
-                                     "space": loc.data_space, "length": loc.data_length, "path": v}
-                                    for i, loc, v in self.layout.locators],
-            })
+            out.update(
+                {
+                    "parent_name": h.parent_name,
+                    "parent_uuid": fmt.uuid_str(h.parent_id),
+                    "parent_timestamp": fmt.unix_time(h.parent_timestamp),
+                    "parent_locators": [
+                        {
+                            "index": i,
+                            "platform": loc.name,
+                            "offset": loc.data_offset,
+                            "space": loc.data_space,
+                            "length": loc.data_length,
+                            "path": v,
+                        }
+                        for i, loc, v in self.layout.locators
+                    ],
+                }
+            )
         return out
 
     def check(self) -> list[Finding]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
@@ -29,18 +28,18 @@ DISK_DYNAMIC = 3
 DISK_DIFFERENCING = 4
 DISK_TYPE_NAMES = {DISK_FIXED: "fixed", DISK_DYNAMIC: "dynamic", DISK_DIFFERENCING: "differencing"}
 
-FEATURES_RESERVED = 0x00000002      # bit1 must be set
+FEATURES_RESERVED = 0x00000002  # bit1 must be set
 FEATURE_TEMPORARY = 0x00000001
 FORMAT_VERSION = 0x00010000
 HEADER_VERSION = 0x00010000
-FIXED_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF   # footer.data_offset of a fixed disk
+FIXED_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF  # footer.data_offset of a fixed disk
 HEADER_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF  # header.data_offset: unused, all-ones
-UNUSED_BAT = 0xFFFFFFFF                  # BAT entry of an unallocated block
+UNUSED_BAT = 0xFFFFFFFF  # BAT entry of an unallocated block
 MAX_BAT_SECTOR = 0xFFFFFFFE
-MAX_VIRTUAL_SIZE = 2040 * 1024**3        # 0xFF000000 sectors: QEMU's and Windows' cap
+MAX_VIRTUAL_SIZE = 2040 * 1024**3  # 0xFF000000 sectors: QEMU's and Windows' cap
 MAX_CHS = (65535, 16, 255)
-VHD_EPOCH = 946684800                    # 2000-01-01T00:00:00Z as a Unix time
-MAX_LOCATOR_LENGTH = 64 * 1024           # a path; anything longer is corrupt
+VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z as a Unix time
+MAX_LOCATOR_LENGTH = 64 * 1024  # a path; anything longer is corrupt
 
 # cookie, features, format version, data offset, timestamp, creator app, creator version,
 # creator host OS, original size, current size, cylinders, heads, sectors/track, disk type,
@@ -62,20 +61,34 @@ CREATOR_OS_MAC = b"Mac "
 
 # Parent locator platform codes (FORMATS.md §2.1).
 PLAT_NONE = 0
-PLAT_WI2R = 0x57693272   # 'Wi2r' deprecated relative, ANSI
-PLAT_WI2K = 0x5769326B   # 'Wi2k' deprecated absolute, ANSI
-PLAT_W2RU = 0x57327275   # 'W2ru' relative, UTF-16LE
-PLAT_W2KU = 0x57326B75   # 'W2ku' absolute, UTF-16LE
-PLAT_MAC = 0x4D616320    # 'Mac ' alias blob: opaque
-PLAT_MACX = 0x4D616358   # 'MacX' file:// URL, UTF-8
-PLATFORM_NAMES = {PLAT_WI2R: "Wi2r", PLAT_WI2K: "Wi2k", PLAT_W2RU: "W2ru", PLAT_W2KU: "W2ku",
-                  PLAT_MAC: "Mac ", PLAT_MACX: "MacX"}
+PLAT_WI2R = 0x57693272  # 'Wi2r' deprecated relative, ANSI
+PLAT_WI2K = 0x5769326B  # 'Wi2k' deprecated absolute, ANSI
+PLAT_W2RU = 0x57327275  # 'W2ru' relative, UTF-16LE
+PLAT_W2KU = 0x57326B75  # 'W2ku' absolute, UTF-16LE
+PLAT_MAC = 0x4D616320  # 'Mac ' alias blob: opaque
+PLAT_MACX = 0x4D616358  # 'MacX' file:// URL, UTF-8
+PLATFORM_NAMES = {
+    PLAT_WI2R: "Wi2r",
+    PLAT_WI2K: "Wi2k",
+    PLAT_W2RU: "W2ru",
+    PLAT_W2KU: "W2ku",
+    PLAT_MAC: "Mac ",
+    PLAT_MACX: "MacX",
+}
 
 CREATOR_APPS = {
-    b"vpc ": "Virtual PC", b"vs  ": "Virtual Server", b"win ": "Windows / Hyper-V",
-    b"d2v ": "Disk2vhd", b"d2v\0": "Disk2vhd", b"qemu": "QEMU", b"qem2": "QEMU (force_size)",
-    b"vbox": "VirtualBox", b"tap\0": "blktap / XenServer", b"CTXS": "Citrix XenConverter",
-    b"wa\0\0": "Azure", b"vhdf": "vhdfs",
+    b"vpc ": "Virtual PC",
+    b"vs  ": "Virtual Server",
+    b"win ": "Windows / Hyper-V",
+    b"d2v ": "Disk2vhd",
+    b"d2v\0": "Disk2vhd",
+    b"qemu": "QEMU",
+    b"qem2": "QEMU (force_size)",
+    b"vbox": "VirtualBox",
+    b"tap\0": "blktap / XenServer",
+    b"CTXS": "Citrix XenConverter",
+    b"wa\0\0": "Azure",
+    b"vhdf": "vhdfs",
 }
 # QEMU 10: only these creators are sized by CHS (unless the geometry is the maximum).
 CHS_CREATORS = (b"vpc ", b"qemu")
@@ -83,7 +96,7 @@ CHS_CREATORS = (b"vpc ", b"qemu")
 
 def checksum(buf: bytes | bytearray, field_offset: int) -> int:
     """One's complement of the byte sum with the 4-byte checksum field taken as zero."""
-    total = sum(buf) - sum(buf[field_offset:field_offset + 4])
+    total = sum(buf) - sum(buf[field_offset : field_offset + 4])
     return ~total & 0xFFFFFFFF
 
 
@@ -113,6 +126,7 @@ def version_str(v: int) -> str:
 
 # -- footer ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Footer:
     """The 512-byte hard disk footer (FORMATS.md §1.1)."""
@@ -137,11 +151,27 @@ class Footer:
 
     def pack(self) -> bytes:
         """Serialise with a freshly computed checksum (we always write correct sums)."""
-        buf = bytearray(FOOTER_STRUCT.pack(
-            FOOTER_COOKIE, self.features, self.format_version, self.data_offset, self.timestamp,
-            self.creator_app, self.creator_version, self.creator_os, self.original_size,
-            self.current_size, self.cylinders, self.heads, self.sectors, self.disk_type, 0,
-            self.unique_id, self.saved_state))
+        buf = bytearray(
+            FOOTER_STRUCT.pack(
+                FOOTER_COOKIE,
+                self.features,
+                self.format_version,
+                self.data_offset,
+                self.timestamp,
+                self.creator_app,
+                self.creator_version,
+                self.creator_os,
+                self.original_size,
+                self.current_size,
+                self.cylinders,
+                self.heads,
+                self.sectors,
+                self.disk_type,
+                0,
+                self.unique_id,
+                self.saved_state,
+            )
+        )
         struct.pack_into(">I", buf, FOOTER_CHECKSUM_OFFSET, checksum(buf, FOOTER_CHECKSUM_OFFSET))
         return bytes(buf)
 
@@ -156,34 +186,85 @@ class Footer:
 
 def parse_footer(buf: bytes) -> Footer:
     """Decode a footer; bad cookie is an error, a bad checksum only clears ``checksum_ok``."""
-    if len(buf) == 511:           # pre-Virtual PC 2004: last reserved byte missing
+    if len(buf) == 511:  # pre-Virtual PC 2004: last reserved byte missing
         buf = bytes(buf) + b"\0"
     if len(buf) != FOOTER_SIZE or buf[:8] != FOOTER_COOKIE:
         raise FormatError("no VHD footer (cookie 'conectix' not found)")
-    (_cookie, features, fmt_version, data_offset, timestamp, app, app_version, host_os,
-     original, current, cyl, heads, spt, disk_type, stored, uid, saved) = FOOTER_STRUCT.unpack(buf)
-    return Footer(features, fmt_version, data_offset, timestamp, app, app_version, host_os,
-                  original, current, cyl, heads, spt, disk_type, stored, uid, saved,
-                  checksum_ok=stored == checksum(buf, FOOTER_CHECKSUM_OFFSET))
+    (
+        _cookie,
+        features,
+        fmt_version,
+        data_offset,
+        timestamp,
+        app,
+        app_version,
+        host_os,
+        original,
+        current,
+        cyl,
+        heads,
+        spt,
+        disk_type,
+        stored,
+        uid,
+        saved,
+    ) = FOOTER_STRUCT.unpack(buf)
+    return Footer(
+        features,
+        fmt_version,
+        data_offset,
+        timestamp,
+        app,
+        app_version,
+        host_os,
+        original,
+        current,
+        cyl,
+        heads,
+        spt,
+        disk_type,
+        stored,
+        uid,
+        saved,
+        checksum_ok=stored == checksum(buf, FOOTER_CHECKSUM_OFFSET),
+    )
 
 
-def make_footer(size: int, disk_type: int, *, unique_id: bytes | None = None,
-                creator_app: bytes = b"win ", creator_version: int = 0x000A0000,
-                creator_os: bytes = CREATOR_OS_WINDOWS, timestamp: int | None = None,
-                geometry: tuple[int, int, int] | None = None) -> Footer:
+def make_footer(
+    size: int,
+    disk_type: int,
+    *,
+    unique_id: bytes | None = None,
+    creator_app: bytes = b"win ",
+    creator_version: int = 0x000A0000,
+    creator_os: bytes = CREATOR_OS_WINDOWS,
+    timestamp: int | None = None,
+    geometry: tuple[int, int, int] | None = None,
+) -> Footer:
     """A new footer for ``size`` bytes; data offset follows the disk type."""
     c, h, s = geometry if geometry is not None else chs_geometry(size)
     return Footer(
-        features=FEATURES_RESERVED, format_version=FORMAT_VERSION,
+        features=FEATURES_RESERVED,
+        format_version=FORMAT_VERSION,
         data_offset=FIXED_DATA_OFFSET if disk_type == DISK_FIXED else FOOTER_SIZE,
         timestamp=vhd_timestamp() if timestamp is None else timestamp,
-        creator_app=creator_app, creator_version=creator_version, creator_os=creator_os,
-        original_size=size, current_size=size, cylinders=c, heads=h, sectors=s,
-        disk_type=disk_type, checksum=0,
-        unique_id=unique_id if unique_id is not None else uuid.uuid4().bytes, saved_state=0)
+        creator_app=creator_app,
+        creator_version=creator_version,
+        creator_os=creator_os,
+        original_size=size,
+        current_size=size,
+        cylinders=c,
+        heads=h,
+        sectors=s,
+        disk_type=disk_type,
+        checksum=0,
+        unique_id=unique_id if unique_id is not None else uuid.uuid4().bytes,
+        saved_state=0,
+    )
 
 
 # -- geometry and virtual size ----------------------------------------------------------------
+
 
 def chs_geometry(size: int) -> tuple[int, int, int]:
     """The spec's CHS algorithm (appendix); rounds down, capped at 65535/16/255."""
@@ -222,6 +303,7 @@ def virtual_size(footer: Footer, rule: str = "auto") -> tuple[int, str]:
 
 
 # -- dynamic header -----------------------------------------------------------------------------
+
 
 @dataclass
 class Locator:
@@ -270,13 +352,31 @@ class DynamicHeader:
     def pack(self) -> bytes:
         buf = bytearray(HEADER_SIZE)
         HEADER_STRUCT.pack_into(
-            buf, 0, HEADER_COOKIE, self.data_offset, self.table_offset, self.header_version,
-            self.max_table_entries, self.block_size, 0, self.parent_id, self.parent_timestamp, 0,
-            self.parent_name_raw.ljust(512, b"\0")[:512])
+            buf,
+            0,
+            HEADER_COOKIE,
+            self.data_offset,
+            self.table_offset,
+            self.header_version,
+            self.max_table_entries,
+            self.block_size,
+            0,
+            self.parent_id,
+            self.parent_timestamp,
+            0,
+            self.parent_name_raw.ljust(512, b"\0")[:512],
+        )
         locs = list(self.locators) + [Locator(0, 0, 0, 0, 0)] * (LOCATOR_COUNT - len(self.locators))
         for i, loc in enumerate(locs[:LOCATOR_COUNT]):
-            LOCATOR_STRUCT.pack_into(buf, LOCATOR_TABLE_OFFSET + 24 * i, loc.code, loc.data_space,
-                                     loc.data_length, loc.reserved, loc.data_offset)
+            LOCATOR_STRUCT.pack_into(
+                buf,
+                LOCATOR_TABLE_OFFSET + 24 * i,
+                loc.code,
+                loc.data_space,
+                loc.data_length,
+                loc.reserved,
+                loc.data_offset,
+            )
         struct.pack_into(">I", buf, HEADER_CHECKSUM_OFFSET, checksum(buf, HEADER_CHECKSUM_OFFSET))
         return bytes(buf)
 
@@ -293,18 +393,19 @@ def parse_header(buf: bytes) -> DynamicHeader:
     """Decode and sanity-check a dynamic header before anything is allocated from it."""
     if len(buf) != HEADER_SIZE or buf[:8] != HEADER_COOKIE:
         raise FormatError("no dynamic disk header (cookie 'cxsparse' not found)")
-    (_c, data_offset, table_offset, version, entries, block_size, stored, parent_id,
-     parent_ts, _r, name) = HEADER_STRUCT.unpack_from(buf, 0)
-    locators = [Locator(*LOCATOR_STRUCT.unpack_from(buf, LOCATOR_TABLE_OFFSET + 24 * i))
-                for i in range(LOCATOR_COUNT)]
+    (_c, data_offset, table_offset, version, entries, block_size, stored, parent_id, parent_ts, _r, name) = (
+        HEADER_STRUCT.unpack_from(buf, 0)
+    )
+    locators = [
+        Locator(*LOCATOR_STRUCT.unpack_from(buf, LOCATOR_TABLE_OFFSET + 24 * i)) for i in range(LOCATOR_COUNT)
+    ]
     check_block_size(block_size)
     if entries == 0:
         raise FormatError("dynamic header has max_table_entries 0")
     if table_offset % SECTOR:
         raise FormatError(f"BAT offset {table_offset} is not sector-aligned")
-    return DynamicHeader(data_offset, table_offset, version, entries, block_size, stored,
-                         parent_id, parent_ts, name, locators,
-                         checksum_ok=stored == checksum(buf, HEADER_CHECKSUM_OFFSET))
+    fields = (data_offset, table_offset, version, entries, block_size, stored, parent_id, parent_ts, name)
+    return DynamicHeader(*fields, locators, checksum_ok=stored == checksum(buf, HEADER_CHECKSUM_OFFSET))
 
 
 def check_block_size(block_size: int) -> None:
@@ -324,99 +425,17 @@ def bat_bytes(entries: int) -> int:
     return (entries * 4 + SECTOR - 1) // SECTOR * SECTOR
 
 
-# -- parent locators -------------------------------------------------------------------------------
-
 def decode_utf16(raw: bytes, order: str) -> str:
     """UTF-16 up to the first NUL code unit; unpaired surrogates survive, junk is replaced."""
     raw = bytes(raw[: len(raw) // 2 * 2])
     for i in range(0, len(raw), 2):
-        if raw[i:i + 2] == b"\0\0":
+        if raw[i : i + 2] == b"\0\0":
             raw = raw[:i]
             break
     text = raw.decode(f"utf-16-{order}", errors="surrogatepass")
     # surrogatepass keeps lone surrogates, which os.fsencode cannot handle: swap them for U+FFFD
-    return text.encode("utf-8", errors="replace").decode("utf-8", errors="replace") \
-        if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text) else text
-
-
-def decode_locator(code: int, data: bytes) -> str | None:
-    """The path a locator carries, as stored (``\\`` not yet converted); None if opaque."""
-    try:
-        if code in (PLAT_W2RU, PLAT_W2KU):
-            return decode_utf16(data, "le") or None
-        if code in (PLAT_WI2R, PLAT_WI2K):
-            return data.split(b"\0", 1)[0].decode("latin-1") or None
-        if code == PLAT_MACX:
-            return data.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return None
-
-
-def windows_path_to_posix(path: str) -> tuple[str, bool]:
-    """(``\\`` → ``/``, leading ``.\\`` and drive letter stripped; True when it was absolute)."""
-    p = path.replace("\\", "/")
-    if len(p) >= 2 and p[1] == ":" and p[0].isalpha():
-        p = p[2:]
-    absolute = p.startswith("/")
-    while p.startswith("./"):
-        p = p[2:]
-    return p, absolute
-
-
-def macx_to_posix(url: str) -> str:
-    """``file://localhost/dir/p.vhd`` → ``/dir/p.vhd``; ``file://p.vhd`` (blktap) → ``p.vhd``."""
-    p = url
-    if p.lower().startswith("file://"):
-        p = p[7:]
-    if p.lower().startswith("localhost/"):
-        p = p[9:]
-    p = urllib.parse.unquote(p)
-    while p.startswith("./"):
-        p = p[2:]
-    return p
-
-
-def encode_w2_locator(path: str) -> bytes:
-    return path.encode("utf-16-le")
-
-
-# -- blktap batmap ------------------------------------------------------------------------------
-
-@dataclass
-class BatmapHeader:
-    offset: int          # where the header itself sits
-    map_offset: int
-    map_sectors: int
-    version: int
-    checksum: int
-    marker: int
-
-
-def parse_batmap_header(buf: bytes, offset: int) -> BatmapHeader | None:
-    """The ``tdbatmap`` header sector, or None when the cookie is absent."""
-    if len(buf) < BATMAP_STRUCT.size or buf[:8] != BATMAP_COOKIE:
-        return None
-    _c, map_off, map_secs, version, csum, marker = BATMAP_STRUCT.unpack_from(buf, 0)
-    return BatmapHeader(offset, map_off, map_secs, version, csum, marker)
-
-
-def pack_batmap_header(h: BatmapHeader, original: bytes) -> bytes:
-    """The header sector with ``h``'s fields, keeping the rest (key hash) as it was."""
-    buf = bytearray(original.ljust(SECTOR, b"\0")[:SECTOR])
-    BATMAP_STRUCT.pack_into(buf, 0, BATMAP_COOKIE, h.map_offset, h.map_sectors, h.version,
-                            h.checksum, h.marker)
-    return bytes(buf)
-
-
-def batmap_checksum(data: bytes | bytearray, version: int) -> int:
-    """One's complement byte sum of the map; version 1.1 summed signed chars."""
-    total = sum(data)
-    if version == 0x00010001:
-        total -= 256 * sum(1 for b in data if b >= 0x80)
-    return ~total & 0xFFFFFFFF
-
-
-def has_batmap_by_creator(footer: Footer) -> bool:
-    """blktap decides from creator ``tap`` and its version (≥ 1.1 may have one)."""
-    return footer.creator_app[:3] == b"tap" and footer.creator_version >= 0x00010001
+    return (
+        text.encode("utf-8", errors="replace").decode("utf-8", errors="replace")
+        if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+        else text
+    )

@@ -27,7 +27,6 @@ from .log import ReplayPlan
 from .overlay import ReplayOverlay
 from .parent import parent_ref
 
-
 SUFFIXES = (".vhdx", ".avhdx")
 
 
@@ -42,12 +41,10 @@ def open_layer(path: str, options: OpenOptions) -> Image:
         return _open(path, f, options)
     except VhdfsError as exc:
         f.close()
-        raise exc.with_path(f.path)
-    except (struct.error, ValueError, IndexError, OverflowError, MemoryError,
-            UnicodeError) as exc:
+        raise exc.with_path(f.path) from None
+    except (struct.error, ValueError, IndexError, OverflowError, MemoryError, UnicodeError) as exc:
         f.close()
-        raise FormatError(f"corrupt VHDX metadata ({type(exc).__name__}: {exc})",
-                          f.path) from None
+        raise FormatError(f"corrupt VHDX metadata ({type(exc).__name__}: {exc})", f.path) from None
     except BaseException:
         f.close()
         raise
@@ -83,8 +80,7 @@ def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
     return image
 
 
-def open_writable(path: str, f: RawFile, layout: VhdxLayout, plan: ReplayPlan | None,
-                  size: int) -> VhdxImage:
+def open_writable(path: str, f: RawFile, layout: VhdxLayout, plan: ReplayPlan | None, size: int) -> VhdxImage:
     """Header update, on-disk replay and a fresh log (``wal.VhdxLog``'s order), then the image."""
     journal = Journal(f, layout)
     file_size = journal.start(plan, size)
@@ -106,22 +102,30 @@ def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
     """
     f = RawFile(path, False)
     try:
-        _layout, plan, _view = open_layout(lambda n, off: os.pread(f.fd, n, off) if n > 0 else b"",
-                                           f.size())
+        _layout, plan, _view = open_layout(lambda n, off: os.pread(f.fd, n, off) if n > 0 else b"", f.size())
     finally:
         f.close()
     if plan is None:
         return []
-    text = (f"log: replay {plan.entry_count} entr{'y' if plan.entry_count == 1 else 'ies'} "
-            f"(sequence {plan.first_sequence}..{plan.last_sequence}) onto the file, then clear it")
+    text = (
+        f"log: replay {plan.entry_count} entr{'y' if plan.entry_count == 1 else 'ies'} "
+        f"(sequence {plan.first_sequence}..{plan.last_sequence}) onto the file, then clear it"
+    )
     say(text)
     if not dry_run:
-        open_layer(path, OpenOptions(writable=True)).close()   # a writable open replays on disk
+        open_layer(path, OpenOptions(writable=True)).close()  # a writable open replays on disk
     return [text]
 
 
 DRIVER = Driver(
-    name="vhdx", title="VHDX", suffixes=SUFFIXES, probe=probe, open_layer=open_layer,
-    create=create_from_spec, limits=LIMITS, repair=repair)
+    name="vhdx",
+    title="VHDX",
+    suffixes=SUFFIXES,
+    probe=probe,
+    open_layer=open_layer,
+    create=create_from_spec,
+    limits=LIMITS,
+    repair=repair,
+)
 
 __all__ = ["DRIVER", "VhdxImage"]

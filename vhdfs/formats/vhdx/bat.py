@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ...errors import FormatError
 
@@ -57,7 +57,7 @@ class PageCache:
         return page
 
     def _evict(self) -> None:
-        for off in list(self.pages)[:max(1, self.limit // 8)]:
+        for off in list(self.pages)[: max(1, self.limit // 8)]:
             if off not in self.dirty:
                 del self.pages[off]
 
@@ -68,7 +68,7 @@ class PageCache:
         while pos < end:
             base = pos - pos % PAGE
             n = min(end, base + PAGE) - pos
-            out += self.get(base)[pos - base:pos - base + n]
+            out += self.get(base)[pos - base : pos - base + n]
             pos += n
         return bytes(out)
 
@@ -87,9 +87,14 @@ class PageCache:
 class Bat:
     """BAT entries by index, decoded per page; ``set`` keeps a page dirty until committed."""
 
-    def __init__(self, pread: Pread, bat_offset: int, entry_count: int,
-                 limit_bytes: int = 16 << 20,
-                 next_data: Callable[[int], int] | None = None) -> None:
+    def __init__(
+        self,
+        pread: Pread,
+        bat_offset: int,
+        entry_count: int,
+        limit_bytes: int = 16 << 20,
+        next_data: Callable[[int], int] | None = None,
+    ) -> None:
         self.pread = pread
         # next_data(offset): where the file's next non-hole byte is (SEEK_DATA); given only when
         # ``pread`` reads the file itself, so a sparse 512 MiB BAT scans in milliseconds
@@ -113,7 +118,7 @@ class Bat:
             if got is not None:
                 return got
             if len(self.pages) >= self.limit:
-                for q in list(self.pages)[:max(1, self.limit // 8)]:
+                for q in list(self.pages)[: max(1, self.limit // 8)]:
                     if q not in self.dirty:
                         del self.pages[q]
             self.pages[p] = arr
@@ -145,7 +150,7 @@ class Bat:
             self.pages.pop(p, None)
             self.dirty.discard(p)
 
-    def scan(self, chunk_pages: int = 256):
+    def scan(self, chunk_pages: int = 256) -> Iterator[tuple[int, int]]:
         """Every (index, entry) with a non-zero entry, reading big chunks without caching them
         (``check`` and ``allocated_bytes`` on a huge BAT must not fill the cache)."""
         total_pages = -(-self.count // ENTRIES_PER_PAGE)
@@ -154,9 +159,10 @@ class Bat:
             n = min(chunk_pages, total_pages - p0)
             if self.next_data is not None and not any(p in self.pages for p in range(p0, p0 + n)):
                 at = self.next_data(self.offset + p0 * PAGE)
-                if at >= self.offset + (p0 + n) * PAGE:        # the whole chunk is a hole
-                    skip = (at - self.offset) // PAGE if at < self.offset + total_pages * PAGE \
-                        else total_pages
+                if at >= self.offset + (p0 + n) * PAGE:  # the whole chunk is a hole
+                    skip = (
+                        (at - self.offset) // PAGE if at < self.offset + total_pages * PAGE else total_pages
+                    )
                     cached = [p for p in self.pages if p0 <= p < skip]
                     p0 = min([skip] + cached)
                     continue
@@ -165,20 +171,21 @@ class Bat:
             parts: list[bytes | None] = []
             for p in range(chunk_start, chunk_start + n):
                 if p in self.pages:
-                    parts.append(self.pages[p].tobytes() if sys.byteorder == "little"
-                                 else self.page_bytes(p))
+                    parts.append(self.pages[p].tobytes() if sys.byteorder == "little" else self.page_bytes(p))
                 else:
                     parts.append(None)
             if any(x is None for x in parts):
                 raw = bytes(self.pread(n * PAGE, self.offset + chunk_start * PAGE))
                 if len(raw) < n * PAGE:
-                    raise FormatError(f"BAT at offset {self.offset + chunk_start * PAGE} runs "
-                                      "past the end of the file")
-                parts = [x if x is not None else raw[(i) * PAGE:(i + 1) * PAGE]
-                         for i, x in enumerate(parts)]
+                    raise FormatError(
+                        f"BAT at offset {self.offset + chunk_start * PAGE} runs past the end of the file"
+                    )
+                parts = [
+                    x if x is not None else raw[(i) * PAGE : (i + 1) * PAGE] for i, x in enumerate(parts)
+                ]
             joined = b"".join(x for x in parts if x is not None)
             if joined.count(0) == len(joined):
-                continue                # all NOT_PRESENT: the common case in a sparse BAT
+                continue  # all NOT_PRESENT: the common case in a sparse BAT
             arr = array("Q", joined)
             if sys.byteorder == "big":
                 arr.byteswap()

@@ -50,8 +50,7 @@ def runs_of(v: int, n: int) -> Iterator[tuple[int, int, bool]]:
         p += length
 
 
-def runs(bitmap: bytes | bytearray | memoryview, s0: int, s1: int
-         ) -> Iterator[tuple[int, int, bool]]:
+def runs(bitmap: bytes | bytearray | memoryview, s0: int, s1: int) -> Iterator[tuple[int, int, bool]]:
     """(start, end, is_set) for maximal runs of equal bits over sectors [s0, s1)."""
     for a, b, is_set in runs_of(bits_as_int(bitmap, s0, s1), s1 - s0):
         yield s0 + a, s0 + b, is_set

@@ -41,14 +41,17 @@ from ... import __version__
 from ...block.driver import CreateSpec, Limits
 from ...block.rawfile import RawFile, new_file, write_all
 from ...errors import UsageError, VhdfsError
-from . import spec
+from . import locator_spec, spec
 from .spec import KiB, MiB
 
-DEFAULT_BLOCK_SIZE = 32 * MiB              # dynamic, as Hyper-V
-FIXED_BLOCK_SIZE = 2 * MiB                 # fixed, as Windows
-DIFFERENCING_BLOCK_SIZE = 2 * MiB          # checkpoints (.avhdx), as Hyper-V
-DEFAULT_BLOCK_SIZES = {"fixed": FIXED_BLOCK_SIZE, "dynamic": DEFAULT_BLOCK_SIZE,
-                       "differencing": DIFFERENCING_BLOCK_SIZE}
+DEFAULT_BLOCK_SIZE = 32 * MiB  # dynamic, as Hyper-V
+FIXED_BLOCK_SIZE = 2 * MiB  # fixed, as Windows
+DIFFERENCING_BLOCK_SIZE = 2 * MiB  # checkpoints (.avhdx), as Hyper-V
+DEFAULT_BLOCK_SIZES = {
+    "fixed": FIXED_BLOCK_SIZE,
+    "dynamic": DEFAULT_BLOCK_SIZE,
+    "differencing": DIFFERENCING_BLOCK_SIZE,
+}
 DEFAULT_LOGICAL_SECTOR_SIZE = 512
 DEFAULT_PHYSICAL_SECTOR_SIZE = 4096
 CREATOR = f"vhdfs {__version__}"
@@ -58,27 +61,44 @@ LOG_LENGTH = 1 * MiB
 METADATA_OFFSET = 2 * MiB
 METADATA_LENGTH = 1 * MiB
 BAT_OFFSET = 3 * MiB
-ITEMS_OFFSET = 64 * KiB                    # metadata items start after the 64 KiB table
+ITEMS_OFFSET = 64 * KiB  # metadata items start after the 64 KiB table
 
-LIMITS = Limits(max_size=spec.MAX_VIRTUAL_SIZE, block_sizes=(spec.MIN_BLOCK_SIZE, spec.MAX_BLOCK_SIZE),
-                fixed_has_blocks=True, sector_sizes=spec.SECTOR_SIZES)
+LIMITS = Limits(
+    max_size=spec.MAX_VIRTUAL_SIZE,
+    block_sizes=(spec.MIN_BLOCK_SIZE, spec.MAX_BLOCK_SIZE),
+    fixed_has_blocks=True,
+    sector_sizes=spec.SECTOR_SIZES,
+)
 
 _REQUIRED = spec.META_IS_REQUIRED
 _VIRTUAL_REQUIRED = spec.META_IS_VIRTUAL_DISK | spec.META_IS_REQUIRED
-_BAT_CHUNK = 1 << 16                       # BAT entries packed per write of a fixed disk
+_BAT_CHUNK = 1 << 16  # BAT entries packed per write of a fixed disk
 
 
 def create_from_spec(spec_: CreateSpec) -> None:
     """The driver's entry point: a new VHDX as ``spec_`` describes."""
-    create_vhdx(spec_.path, spec_.size, spec_.type, parent=spec_.parent,
-                block_size=spec_.block_size, sector_size=spec_.sector_size,
-                parent_dirs=spec_.parent_dirs)
+    create_vhdx(
+        spec_.path,
+        spec_.size,
+        spec_.type,
+        parent=spec_.parent,
+        block_size=spec_.block_size,
+        sector_size=spec_.sector_size,
+        parent_dirs=spec_.parent_dirs,
+    )
 
 
-def create_vhdx(path: str | os.PathLike[str], size: int | None = None, type: str = "dynamic", *,
-                parent: str | os.PathLike[str] | None = None, block_size: int | None = None,
-                sector_size: int | None = None, physical_sector_size: int | None = None,
-                parent_dirs: tuple[str, ...] = ()) -> None:
+def create_vhdx(
+    path: str | os.PathLike[str],
+    size: int | None = None,
+    type: str = "dynamic",
+    *,
+    parent: str | os.PathLike[str] | None = None,
+    block_size: int | None = None,
+    sector_size: int | None = None,
+    physical_sector_size: int | None = None,
+    parent_dirs: tuple[str, ...] = (),
+) -> None:
     """Create a new VHDX at ``path`` (UsageError for arguments the format cannot describe).
 
     ``size`` is required for fixed and dynamic disks and must be a multiple of the logical
@@ -89,8 +109,7 @@ def create_vhdx(path: str | os.PathLike[str], size: int | None = None, type: str
         raise UsageError(f"unknown VHDX type {type!r} (fixed, dynamic or differencing)", path)
     bs = DEFAULT_BLOCK_SIZES[type] if block_size is None else block_size
     if not spec.MIN_BLOCK_SIZE <= bs <= spec.MAX_BLOCK_SIZE or bs & (bs - 1):
-        raise UsageError(f"a VHDX block size must be a power of two from 1 MiB to 256 MiB, "
-                         f"not {bs}", path)
+        raise UsageError(f"a VHDX block size must be a power of two from 1 MiB to 256 MiB, not {bs}", path)
     locator: dict[str, str] | None = None
     if type == "differencing":
         if parent is None:
@@ -99,8 +118,9 @@ def create_vhdx(path: str | os.PathLike[str], size: int | None = None, type: str
         if size is not None and size != vsize:
             raise UsageError(f"a differencing VHDX has its parent's size ({vsize}), not {size}", path)
         if sector_size is not None and sector_size != logical:
-            raise UsageError(f"a differencing VHDX has its parent's {logical}-byte sectors, "
-                             f"not {sector_size}", path)
+            raise UsageError(
+                f"a differencing VHDX has its parent's {logical}-byte sectors, not {sector_size}", path
+            )
     else:
         if parent is not None:
             raise UsageError(f"a {type} VHDX takes no parent", path)
@@ -119,8 +139,9 @@ def create_vhdx(path: str | os.PathLike[str], size: int | None = None, type: str
     _write(path, type, vsize, bs, logical, physical, locator)
 
 
-def _parent_facts(path: str, parent: str, parent_dirs: tuple[str, ...]
-                  ) -> tuple[int, int, int, dict[str, str]]:
+def _parent_facts(
+    path: str, parent: str, parent_dirs: tuple[str, ...]
+) -> tuple[int, int, int, dict[str, str]]:
     """(virtual size, logical, physical sector size, locator keys) of a VHDX parent.
 
     The parent's own chain is opened when the VHDX driver is registered (a child of a broken
@@ -129,9 +150,11 @@ def _parent_facts(path: str, parent: str, parent_dirs: tuple[str, ...]
     """
     from ...block.driver import format_names
     from . import layout as vlayout
+
     parent_abs = os.path.abspath(parent)
     if "vhdx" in format_names():
         from ...block.chain import open_image
+
         with open_image(parent_abs, parent_dirs=parent_dirs) as top:
             if top.format != "vhdx":
                 raise UsageError(f"parent {parent_abs} is a {top.format} image, not a VHDX", path)
@@ -155,24 +178,44 @@ def _parent_facts(path: str, parent: str, parent_dirs: tuple[str, ...]
     return lay.virtual_size, lay.logical_sector_size, lay.physical_sector_size, locator
 
 
-def metadata_region(block_size: int, virtual_size: int, logical: int, physical: int, *,
-                    fixed: bool, locator: dict[str, str] | None, page83: uuid.UUID) -> bytes:
+def metadata_region(
+    block_size: int,
+    virtual_size: int,
+    logical: int,
+    physical: int,
+    *,
+    fixed: bool,
+    locator: dict[str, str] | None,
+    page83: uuid.UUID,
+) -> bytes:
     """The metadata region's used part: table at 0, items packed from 64 KiB in table order."""
     items: list[tuple[uuid.UUID, bytes, int]] = [
-        (spec.FILE_PARAMETERS, spec.pack_file_parameters(spec.FileParameters(
-            block_size, leave_block_allocated=fixed, has_parent=locator is not None)), _REQUIRED),
+        (
+            spec.FILE_PARAMETERS,
+            spec.pack_file_parameters(
+                spec.FileParameters(block_size, leave_block_allocated=fixed, has_parent=locator is not None)
+            ),
+            _REQUIRED,
+        ),
         (spec.VIRTUAL_DISK_SIZE, spec.pack_u64(virtual_size), _VIRTUAL_REQUIRED),
         (spec.LOGICAL_SECTOR_SIZE, spec.pack_u32(logical), _VIRTUAL_REQUIRED),
         (spec.PHYSICAL_SECTOR_SIZE, spec.pack_u32(physical), _VIRTUAL_REQUIRED),
         (spec.PAGE83, spec.pack_page83(page83), _VIRTUAL_REQUIRED),
     ]
     if locator is not None:
-        items.append((spec.PARENT_LOCATOR, spec.pack_parent_locator(locator), _REQUIRED))
+        items.append((spec.PARENT_LOCATOR, locator_spec.pack_parent_locator(locator), _REQUIRED))
     entries, blob, pos = [], bytearray(), ITEMS_OFFSET
     for item_id, data, flags in items:
-        entries.append(spec.MetadataEntry(item_id, pos, len(data), False,
-                                          bool(flags & spec.META_IS_VIRTUAL_DISK),
-                                          bool(flags & spec.META_IS_REQUIRED)))
+        entries.append(
+            spec.MetadataEntry(
+                item_id,
+                pos,
+                len(data),
+                False,
+                bool(flags & spec.META_IS_VIRTUAL_DISK),
+                bool(flags & spec.META_IS_REQUIRED),
+            )
+        )
         blob += data
         pos += len(data)
     if pos > METADATA_LENGTH:
@@ -180,21 +223,25 @@ def metadata_region(block_size: int, virtual_size: int, logical: int, physical: 
     return spec.pack_metadata_table(entries) + bytes(blob)
 
 
-def _write(path: str, type: str, vsize: int, bs: int, logical: int, physical: int,
-           locator: dict[str, str] | None) -> None:
+def _write(
+    path: str, type: str, vsize: int, bs: int, logical: int, physical: int, locator: dict[str, str] | None
+) -> None:
     geometry = spec.bat_geometry(vsize, bs, logical, locator is not None)
     bat_length = -(-geometry.entry_count * 8 // MiB) * MiB
     data_offset = BAT_OFFSET + bat_length
     fixed = type == "fixed"
     file_size = data_offset + (geometry.payload_blocks * bs if fixed else 0)
-    regions = [spec.RegionEntry(spec.BAT_REGION, BAT_OFFSET, bat_length, True),
-               spec.RegionEntry(spec.METADATA_REGION, METADATA_OFFSET, METADATA_LENGTH, True)]
+    regions = [
+        spec.RegionEntry(spec.BAT_REGION, BAT_OFFSET, bat_length, True),
+        spec.RegionEntry(spec.METADATA_REGION, METADATA_OFFSET, METADATA_LENGTH, True),
+    ]
     table = spec.pack_region_table(regions)
     fwg, dwg = uuid.uuid4(), uuid.uuid4()
-    headers = [spec.pack_header(spec.Header(seq, fwg, dwg, spec.NULL_GUID, 0, 1, LOG_LENGTH,
-                                            LOG_OFFSET)) for seq in (1, 2)]
-    meta = metadata_region(bs, vsize, logical, physical, fixed=fixed, locator=locator,
-                           page83=uuid.uuid4())
+    headers = [
+        spec.pack_header(spec.Header(seq, fwg, dwg, spec.NULL_GUID, 0, 1, LOG_LENGTH, LOG_OFFSET))
+        for seq in (1, 2)
+    ]
+    meta = metadata_region(bs, vsize, logical, physical, fixed=fixed, locator=locator, page83=uuid.uuid4())
     with new_file(path) as fd:
         os.ftruncate(fd, file_size)
         write_all(fd, spec.pack_file_identifier(CREATOR), spec.FILE_ID_OFFSET)
@@ -221,10 +268,9 @@ def _write_fixed_bat(fd: int, geometry: spec.BatGeometry, bs: int, data_offset: 
             stop = min(last, start + _BAT_CHUNK)
             lo = spec.pack_bat_entry(spec.PAYLOAD_FULLY_PRESENT, data_offset + start * bs)
             run = array.array("Q", range(lo, lo + (stop - start) * bs, bs))
-            assert run[-1] == spec.pack_bat_entry(spec.PAYLOAD_FULLY_PRESENT,
-                                                  data_offset + (stop - 1) * bs)
+            assert run[-1] == spec.pack_bat_entry(spec.PAYLOAD_FULLY_PRESENT, data_offset + (stop - 1) * bs)
             if sys.byteorder != "little":
                 run.byteswap()
             write_all(fd, run.tobytes(), at)
             at += 8 * len(run)
-        at += 8                 # this chunk's sector-bitmap slot: NOT_PRESENT (0, a hole)
+        at += 8  # this chunk's sector-bitmap slot: NOT_PRESENT (0, a hole)

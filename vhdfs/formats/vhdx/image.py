@@ -42,33 +42,48 @@ _ZERO_STATES = (S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED, S.PAYLOAD_UNMAPPED_V095, S.P
 MAX_FINDINGS = 50
 
 
-class VhdxImage(VhdxWriter, Image):
+# VHDX keeps its own pending pages (BAT and bitmap pages, logged whole) rather than
+# block/pending.py's tables, so its commit hooks are typed by the mixin.
+class VhdxImage(VhdxWriter, Image):  # type: ignore[misc]
     format = "vhdx"
 
-    def __init__(self, path: str, f: RawFile, layout: VhdxLayout, view: Any, file_size: int,
-                 plan: ReplayPlan | None = None, overlay: ReplayOverlay | None = None,
-                 log_state: str = "clean") -> None:
+    def __init__(
+        self,
+        path: str,
+        f: RawFile,
+        layout: VhdxLayout,
+        view: Any,
+        file_size: int,
+        plan: ReplayPlan | None = None,
+        overlay: ReplayOverlay | None = None,
+        log_state: str = "clean",
+    ) -> None:
         super().__init__(path, layout.virtual_size, f.writable)
         self.file = f
         self.layout = layout
-        self.view = view                      # pread through the replayed log (metadata)
-        self.file_size = file_size            # as replayed: includes growth to LastFileOffset
+        self.view = view  # pread through the replayed log (metadata)
+        self.file_size = file_size  # as replayed: includes growth to LastFileOffset
         self.plan = plan
         self.overlay = overlay
-        self.log_state = log_state            # "clean" | "replayed in memory" | "replayed on disk"
+        self.log_state = log_state  # "clean" | "replayed in memory" | "replayed on disk"
         self.differencing = layout.has_parent
-        self.type = ("differencing" if layout.has_parent
-                     else "fixed" if layout.leave_block_allocated else "dynamic")
+        self.type = (
+            "differencing" if layout.has_parent else "fixed" if layout.leave_block_allocated else "dynamic"
+        )
         self.block_size = self.allocation_unit = layout.block_size
         self.sector_size = layout.logical_sector_size
         self.geometry = layout.geometry
         self.sectors_per_block = self.block_size // self.sector_size
-        direct = plan is None or log_state != "replayed in memory"   # view == the file itself
-        self.bat = Bat(view, layout.bat_offset, layout.geometry.entry_count,
-                       next_data=self._next_data if direct else None)
+        direct = plan is None or log_state != "replayed in memory"  # view == the file itself
+        self.bat = Bat(
+            view,
+            layout.bat_offset,
+            layout.geometry.entry_count,
+            next_data=self._next_data if direct else None,
+        )
         self.bitmaps = PageCache(view, "sector bitmap")
         self._hole = Kind.BACKING if self.differencing else Kind.ZERO
-        self._allocated: int | None = None    # allocated block count, once scanned
+        self._allocated: int | None = None  # allocated block count, once scanned
         self.data_write_guid = layout.header.data_write_guid
         self._init_writer()
 
@@ -76,7 +91,7 @@ class VhdxImage(VhdxWriter, Image):
         """The next offset at or after ``offset`` that is not a hole (SEEK_DATA)."""
         try:
             return os.lseek(self.file.fd, offset, os.SEEK_DATA)  # type: ignore[union-attr]
-        except OSError as exc:              # ENXIO: only holes from here to the end
+        except OSError as exc:  # ENXIO: only holes from here to the end
             return 1 << 62 if exc.errno == errno.ENXIO else offset
 
     # -- reading ------------------------------------------------------------------------------
@@ -88,11 +103,13 @@ class VhdxImage(VhdxWriter, Image):
         """The file offset of a present block, refusing offsets no writer makes."""
         off = S.bat_offset(entry)
         if off < S.HEADER_AREA_SIZE:
-            raise FormatError(f"BAT: block {block} is at offset {off}, inside the header area",
-                              self.path)
+            raise FormatError(f"BAT: block {block} is at offset {off}, inside the header area", self.path)
         if off + need > self.file_size:
-            raise FormatError(f"BAT: block {block} at offset {off} has data past the end of "
-                              f"the file ({self.file_size} bytes)", self.path)
+            raise FormatError(
+                f"BAT: block {block} at offset {off} has data past the end of "
+                f"the file ({self.file_size} bytes)",
+                self.path,
+            )
         return off
 
     def _data(self, pos: int, n: int, file_offset: int, layer_fd: int) -> Iterator[Extent]:
@@ -107,12 +124,16 @@ class VhdxImage(VhdxWriter, Image):
         chunk = block // self.geometry.chunk_ratio
         bm = self.bat[self.geometry.bitmap_index(chunk)]
         if S.bat_state(bm) != S.SB_PRESENT:
-            raise FormatError(f"BAT: block {block} is PARTIALLY_PRESENT but chunk {chunk} has "
-                              f"no sector bitmap (state {S.bat_state(bm)})", self.path)
+            raise FormatError(
+                f"BAT: block {block} is PARTIALLY_PRESENT but chunk {chunk} has "
+                f"no sector bitmap (state {S.bat_state(bm)})",
+                self.path,
+            )
         off = S.bat_offset(bm)
         if off < S.HEADER_AREA_SIZE or off + S.BITMAP_BLOCK_SIZE > self.file_size:
-            raise FormatError(f"BAT: sector bitmap of chunk {chunk} at offset {off} lies outside "
-                              "the file", self.path)
+            raise FormatError(
+                f"BAT: sector bitmap of chunk {chunk} at offset {off} lies outside the file", self.path
+            )
         first = (block % self.geometry.chunk_ratio) * self.sectors_per_block
         return off + first // 8
 
@@ -152,8 +173,7 @@ class VhdxImage(VhdxWriter, Image):
                         yield Extent(lo, hi - lo, Kind.BACKING)
             else:
                 what = S.PAYLOAD_STATES.get(state, f"reserved state {state}")
-                raise FormatError(f"BAT: block {b} has {what}, invalid in a {self.type} file",
-                                  self.path)
+                raise FormatError(f"BAT: block {b} has {what}, invalid in a {self.type} file", self.path)
             pos = bend
 
     # -- facts --------------------------------------------------------------------------------
@@ -165,8 +185,10 @@ class VhdxImage(VhdxWriter, Image):
         if self._allocated is None:
             ratio, n = self.geometry.chunk_ratio, 0
             for i, e in self.bat.scan():
-                if (i + 1) % (ratio + 1) and (e & 7) in (S.PAYLOAD_FULLY_PRESENT,
-                                                         S.PAYLOAD_PARTIALLY_PRESENT):
+                if (i + 1) % (ratio + 1) and (e & 7) in (
+                    S.PAYLOAD_FULLY_PRESENT,
+                    S.PAYLOAD_PARTIALLY_PRESENT,
+                ):
                     n += 1
             self._allocated = n
         return self._allocated
@@ -181,24 +203,30 @@ class VhdxImage(VhdxWriter, Image):
             return "clean"
         if not p.entry_count:
             return f"{self.log_state} (LogGuid set, no valid entry: nothing to replay)"
-        return (f"{self.log_state}: {p.entry_count} entries, sequence "
-                f"{p.first_sequence}..{p.last_sequence}")
+        return f"{self.log_state}: {p.entry_count} entries, sequence {p.first_sequence}..{p.last_sequence}"
 
     def describe(self) -> dict[str, Any]:
         L = self.layout
         h = self.journal.header if self.journal is not None else L.header
         out: dict[str, Any] = {
-            "format": "vhdx", "type": self.type, "block_size": self.block_size,
+            "format": "vhdx",
+            "type": self.type,
+            "block_size": self.block_size,
             "logical_sector_size": L.logical_sector_size,
             "physical_sector_size": L.physical_sector_size,
-            "creator": L.creator, "file_write_guid": str(h.file_write_guid),
-            "data_write_guid": str(self.data_write_guid), "log_guid": str(h.log_guid),
+            "creator": L.creator,
+            "file_write_guid": str(h.file_write_guid),
+            "data_write_guid": str(self.data_write_guid),
+            "log_guid": str(h.log_guid),
             "page83": str(L.page83),
             "header_sequence": h.sequence_number,
             "header_slot": self.journal.slot if self.journal is not None else L.header_slot,
-            "region_table": L.region_table_slot, "log": self._log_text(),
-            "log_offset": h.log_offset, "log_length": h.log_length,
-            "bat_offset": L.bat_offset, "bat_entries": L.geometry.entry_count,
+            "region_table": L.region_table_slot,
+            "log": self._log_text(),
+            "log_offset": h.log_offset,
+            "log_length": h.log_length,
+            "bat_offset": L.bat_offset,
+            "bat_entries": L.geometry.entry_count,
             "chunk_ratio": L.geometry.chunk_ratio,
             "total_blocks": L.geometry.payload_blocks,
             "allocated_blocks": self.allocated_blocks(),
@@ -213,18 +241,20 @@ class VhdxImage(VhdxWriter, Image):
         out: list[Finding] = []
         for f in self.layout.findings:
             if f.startswith("log: dirty"):
-                continue                      # said once below, with what was done
+                continue  # said once below, with what was done
             out.append(error(f) if "past the end" in f else note(f))
         if self.plan is not None:
             out.append(note(f"log: {self._log_text()}"))
         out += self._check_bat()
-        return out[:MAX_FINDINGS + len(self.layout.findings) + 1]
+        return out[: MAX_FINDINGS + len(self.layout.findings) + 1]
 
     def _reserved_spans(self) -> list[tuple[int, int, str]]:
         L = self.layout
         spans = [(0, S.HEADER_AREA_SIZE, "the header area")]
-        spans += [(r.file_offset, r.file_offset + r.length,
-                   S.REGION_NAMES.get(r.guid, "a region") + " region") for r in L.regions]
+        spans += [
+            (r.file_offset, r.file_offset + r.length, S.REGION_NAMES.get(r.guid, "a region") + " region")
+            for r in L.regions
+        ]
         if L.log_length:
             spans.append((L.log_offset, L.log_offset + L.log_length, "the log"))
         return spans
@@ -247,7 +277,7 @@ class VhdxImage(VhdxWriter, Image):
             return [error(exc.message)]
         for i, e in entries:
             state, off = e & 7, S.bat_offset(e)
-            if (i + 1) % (ratio + 1) == 0:          # a sector bitmap entry
+            if (i + 1) % (ratio + 1) == 0:  # a sector bitmap entry
                 c = i // (ratio + 1)
                 if state == S.SB_NOT_PRESENT:
                     continue
@@ -255,8 +285,7 @@ class VhdxImage(VhdxWriter, Image):
                     add(error(f"BAT: sector bitmap {c} has invalid state {state}"))
                     continue
                 if not self.differencing:
-                    add(note(f"BAT: sector bitmap {c} marked present in a "
-                             f"{self.type} file (ignored)"))
+                    add(note(f"BAT: sector bitmap {c} marked present in a {self.type} file (ignored)"))
                     continue
                 present_chunks.add(c)
                 length, what = S.BITMAP_BLOCK_SIZE, f"sector bitmap {c}"
@@ -266,20 +295,27 @@ class VhdxImage(VhdxWriter, Image):
                     continue
                 if state in _ZERO_STATES or state == S.PAYLOAD_NOT_PRESENT:
                     if off and state == S.PAYLOAD_ZERO:
-                        add(note(f"BAT: ZERO block {b} has a non-zero offset {off} "
-                                 "(Hyper-V rejects that)"))
+                        add(note(f"BAT: ZERO block {b} has a non-zero offset {off} (Hyper-V rejects that)"))
                     continue
                 if state == S.PAYLOAD_PARTIALLY_PRESENT and self.differencing:
                     partial_chunks.add(b // ratio)
                 elif state != S.PAYLOAD_FULLY_PRESENT:
-                    add(error(f"BAT: block {b} has "
-                              f"{S.PAYLOAD_STATES.get(state, f'reserved state {state}')}, "
-                              f"invalid in a {self.type} file"))
+                    add(
+                        error(
+                            f"BAT: block {b} has "
+                            f"{S.PAYLOAD_STATES.get(state, f'reserved state {state}')}, "
+                            f"invalid in a {self.type} file"
+                        )
+                    )
                     continue
                 length, what = min(B, self.size - b * B), f"block {b}"
             if off + length > self.file_size:
-                add(error(f"BAT: {what} at offset {off} has data past the end of the file "
-                          f"({self.file_size} bytes)"))
+                add(
+                    error(
+                        f"BAT: {what} at offset {off} has data past the end of the file "
+                        f"({self.file_size} bytes)"
+                    )
+                )
             for s, t, name in spans:
                 if off < t and off + length > s:
                     add(error(f"BAT: {what} at offset {off} overlaps {name}"))

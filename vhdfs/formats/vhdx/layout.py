@@ -16,14 +16,16 @@ optional item, a missing physical sector size) are returned as ``findings`` stri
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ...errors import FormatError, UnsupportedError
+from . import locator_spec, spec
 from . import log as vlog
-from . import spec
 from .spec import Header, MetadataEntry, RegionEntry
 
 Pread = Callable[[int, int], bytes]
@@ -32,6 +34,7 @@ T = TypeVar("T")
 
 def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
     """Module boundary: a struct/index/decode slip on hostile bytes becomes a FormatError."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -40,6 +43,7 @@ def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
             raise
         except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError) as exc:
             raise FormatError(f"{fn.__name__}: malformed structure ({exc})") from None
+
     return wrapper
 
 
@@ -48,9 +52,9 @@ class HeaderChoice:
     """The current header and what was seen in both slots."""
 
     header: Header
-    slot: int                                   # 1 or 2
+    slot: int  # 1 or 2
     headers: tuple[Header | None, Header | None]  # None where the slot is invalid
-    raw: tuple[bytes, bytes]                    # both 4 KiB slots as read
+    raw: tuple[bytes, bytes]  # both 4 KiB slots as read
     findings: tuple[str, ...] = ()
 
     @property
@@ -66,8 +70,8 @@ class VhdxLayout:
     header: Header
     header_slot: int
     header_sequences: tuple[int | None, int | None]
-    region_table_slot: int                      # 1, or 2 when table 1 failed its CRC
-    regions: list[RegionEntry]                  # all of them, unknown ones kept for rewriting
+    region_table_slot: int  # 1, or 2 when table 1 failed its CRC
+    regions: list[RegionEntry]  # all of them, unknown ones kept for rewriting
     bat_offset: int
     bat_length: int
     metadata_offset: int
@@ -80,7 +84,7 @@ class VhdxLayout:
     logical_sector_size: int
     physical_sector_size: int
     page83: uuid.UUID
-    parent_locator: dict[str, str] | None        # None unless the item is present
+    parent_locator: dict[str, str] | None  # None unless the item is present
     geometry: spec.BatGeometry
     findings: list[str] = field(default_factory=list)
 
@@ -119,8 +123,10 @@ def _header_problem(raw: bytes) -> str:
 def choose_header(pread: Pread) -> HeaderChoice:
     """The current header (§2.2.2.1): the only valid one, or the valid one with the higher
     sequence number; equal sequence numbers only if byte-identical (Disk2vhd writes those)."""
-    raws = (bytes(pread(spec.HEADER_SIZE, spec.HEADER1_OFFSET)),
-            bytes(pread(spec.HEADER_SIZE, spec.HEADER2_OFFSET)))
+    raws = (
+        bytes(pread(spec.HEADER_SIZE, spec.HEADER1_OFFSET)),
+        bytes(pread(spec.HEADER_SIZE, spec.HEADER2_OFFSET)),
+    )
     parsed: list[Header | None] = []
     findings: list[str] = []
     for i, raw in enumerate(raws, 1):
@@ -137,8 +143,7 @@ def choose_header(pread: Pread) -> HeaderChoice:
         findings[-1 if h2 is None else 0] += f"; using header {slot}"
     elif h1.sequence_number == h2.sequence_number:
         if raws[0] != raws[1]:
-            raise FormatError(f"headers: both have sequence number {h1.sequence_number} "
-                              "but differ")
+            raise FormatError(f"headers: both have sequence number {h1.sequence_number} but differ")
         slot = 1
         findings.append(f"headers: identical with equal sequence number {h1.sequence_number}")
     else:
@@ -150,8 +155,9 @@ def choose_header(pread: Pread) -> HeaderChoice:
     if h.log_version != 0:
         raise UnsupportedError(f"header {slot}: log version {h.log_version} (only 0 is known)")
     if h.log_offset % spec.ALIGNMENT or h.log_length % spec.ALIGNMENT:
-        raise FormatError(f"header {slot}: log offset {h.log_offset} / length {h.log_length} "
-                          "not 1 MiB aligned")
+        raise FormatError(
+            f"header {slot}: log offset {h.log_offset} / length {h.log_length} not 1 MiB aligned"
+        )
     if h.log_length and h.log_offset < spec.HEADER_AREA_SIZE:
         raise FormatError(f"header {slot}: log offset {h.log_offset} inside the first MiB")
     return HeaderChoice(h, slot, (h1, h2), raws, tuple(findings))
@@ -163,8 +169,7 @@ def read_region_table(pread: Pread) -> tuple[list[RegionEntry], int, list[str]]:
     problems = []
     for slot, off in ((1, spec.REGION_TABLE1_OFFSET), (2, spec.REGION_TABLE2_OFFSET)):
         try:
-            entries = spec.parse_region_table(pread(spec.REGION_TABLE_SIZE, off),
-                                              f"region table {slot}")
+            entries = spec.parse_region_table(pread(spec.REGION_TABLE_SIZE, off), f"region table {slot}")
         except FormatError as exc:
             problems.append(exc.message)
             continue
@@ -172,8 +177,9 @@ def read_region_table(pread: Pread) -> tuple[list[RegionEntry], int, list[str]]:
     raise FormatError("region table: both copies invalid (" + "; ".join(problems) + ")")
 
 
-def _check_regions(regions: list[RegionEntry], header: Header, file_size: int,
-                   findings: list[str]) -> dict[uuid.UUID, RegionEntry]:
+def _check_regions(
+    regions: list[RegionEntry], header: Header, file_size: int, findings: list[str]
+) -> dict[uuid.UUID, RegionEntry]:
     known: dict[uuid.UUID, RegionEntry] = {}
     spans = []
     for r in regions:
@@ -187,8 +193,9 @@ def _check_regions(regions: list[RegionEntry], header: Header, file_size: int,
         else:
             findings.append(f"region table: unknown optional region {r.guid} ignored")
         if r.file_offset % spec.ALIGNMENT or r.length % spec.ALIGNMENT or r.length == 0:
-            raise FormatError(f"region table: {name} region at {r.file_offset} length "
-                              f"{r.length} not 1 MiB aligned")
+            raise FormatError(
+                f"region table: {name} region at {r.file_offset} length {r.length} not 1 MiB aligned"
+            )
         if r.file_offset < spec.HEADER_AREA_SIZE:
             raise FormatError(f"region table: {name} region inside the first MiB")
         if r.file_offset + r.length > file_size:
@@ -200,23 +207,24 @@ def _check_regions(regions: list[RegionEntry], header: Header, file_size: int,
     if header.log_length:
         spans.append((header.log_offset, header.log_offset + header.log_length, "log"))
     spans.sort()
-    for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
+    for (_s1, e1, n1), (s2, _e2, n2) in itertools.pairwise(spans):
         if s2 < e1:
             raise FormatError(f"region table: {n1} and {n2} overlap")
     return known
 
 
-def _read_items(pread: Pread, region: RegionEntry, findings: list[str]
-                ) -> tuple[list[MetadataEntry], dict[uuid.UUID, bytes]]:
+def _read_items(
+    pread: Pread, region: RegionEntry, findings: list[str]
+) -> tuple[list[MetadataEntry], dict[uuid.UUID, bytes]]:
     entries = spec.parse_metadata_table(pread(spec.METADATA_TABLE_SIZE, region.file_offset))
     items: dict[uuid.UUID, bytes] = {}
     for e in entries:
         if e.item_id in items:
             raise FormatError(f"metadata: item {e.name} listed twice")
-        if e.length and (e.offset < spec.METADATA_TABLE_SIZE
-                         or e.offset + e.length > region.length):
-            raise FormatError(f"metadata: item {e.name} at {e.offset} length {e.length} "
-                              "outside the metadata region")
+        if e.length and (e.offset < spec.METADATA_TABLE_SIZE or e.offset + e.length > region.length):
+            raise FormatError(
+                f"metadata: item {e.name} at {e.offset} length {e.length} outside the metadata region"
+            )
         if e.item_id not in spec.METADATA_NAMES:
             if e.is_required:
                 raise UnsupportedError(f"metadata: unknown required item {e.item_id}")
@@ -230,8 +238,7 @@ def _read_items(pread: Pread, region: RegionEntry, findings: list[str]
 
 
 @_guarded
-def read_layout(pread: Pread, file_size: int, choice: HeaderChoice | None = None
-                ) -> VhdxLayout:
+def read_layout(pread: Pread, file_size: int, choice: HeaderChoice | None = None) -> VhdxLayout:
     """Parse and validate everything but the BAT contents.
 
     ``pread`` should already see the replayed log (``ReplayPlan.overlay``) when the header's
@@ -266,8 +273,10 @@ def read_layout(pread: Pread, file_size: int, choice: HeaderChoice | None = None
         if v not in spec.SECTOR_SIZES:
             raise FormatError(f"metadata: {what} sector size {v} (must be 512 or 4096)")
     if virtual == 0 or virtual % logical:
-        raise FormatError(f"metadata: virtual disk size {virtual} is not a positive multiple "
-                          f"of the logical sector size {logical}")
+        raise FormatError(
+            f"metadata: virtual disk size {virtual} is not a positive multiple "
+            f"of the logical sector size {logical}"
+        )
     if virtual > spec.MAX_VIRTUAL_SIZE:
         raise FormatError(f"metadata: virtual disk size {virtual} exceeds 64 TiB")
     if spec.PAGE83 in items:
@@ -277,10 +286,9 @@ def read_layout(pread: Pread, file_size: int, choice: HeaderChoice | None = None
         findings.append("metadata: no page 83 item")
     locator = None
     if spec.PARENT_LOCATOR in items:
-        ltype, locator = spec.parse_parent_locator(items[spec.PARENT_LOCATOR])
+        ltype, locator = locator_spec.parse_parent_locator(items[spec.PARENT_LOCATOR])
         if ltype != spec.PARENT_LOCATOR_TYPE:
-            raise UnsupportedError(f"metadata: parent locator type {ltype} (only the VHDX "
-                                   "type is known)")
+            raise UnsupportedError(f"metadata: parent locator type {ltype} (only the VHDX type is known)")
         if not params.has_parent:
             findings.append("metadata: parent locator present without HasParent; ignored")
     if params.has_parent:
@@ -294,21 +302,37 @@ def read_layout(pread: Pread, file_size: int, choice: HeaderChoice | None = None
         findings.append("metadata: incomplete-file item present (creation did not finish)")
     geometry = spec.bat_geometry(virtual, bs, logical, params.has_parent)
     if bat.length < geometry.entry_count * 8:
-        raise FormatError(f"region table: BAT region of {bat.length} bytes holds fewer than "
-                          f"the {geometry.entry_count} entries needed")
+        raise FormatError(
+            f"region table: BAT region of {bat.length} bytes holds fewer than "
+            f"the {geometry.entry_count} entries needed"
+        )
     return VhdxLayout(
-        creator=creator, header=choice.header, header_slot=choice.slot,
-        header_sequences=choice.sequences, region_table_slot=rt_slot, regions=regions,
-        bat_offset=bat.file_offset, bat_length=bat.length, metadata_offset=meta.file_offset,
-        metadata_length=meta.length, metadata_entries=entries, block_size=bs,
-        leave_block_allocated=params.leave_block_allocated, has_parent=params.has_parent,
-        virtual_size=virtual, logical_sector_size=logical, physical_sector_size=physical,
-        page83=page83, parent_locator=locator, geometry=geometry, findings=findings)
+        creator=creator,
+        header=choice.header,
+        header_slot=choice.slot,
+        header_sequences=choice.sequences,
+        region_table_slot=rt_slot,
+        regions=regions,
+        bat_offset=bat.file_offset,
+        bat_length=bat.length,
+        metadata_offset=meta.file_offset,
+        metadata_length=meta.length,
+        metadata_entries=entries,
+        block_size=bs,
+        leave_block_allocated=params.leave_block_allocated,
+        has_parent=params.has_parent,
+        virtual_size=virtual,
+        logical_sector_size=logical,
+        physical_sector_size=physical,
+        page83=page83,
+        parent_locator=locator,
+        geometry=geometry,
+        findings=findings,
+    )
 
 
 @_guarded
-def open_layout(pread: Pread, file_size: int) -> tuple[VhdxLayout, vlog.ReplayPlan | None,
-                                                       Pread]:
+def open_layout(pread: Pread, file_size: int) -> tuple[VhdxLayout, vlog.ReplayPlan | None, Pread]:
     """Header, then replay plan, then layout read through the replayed view.
 
     Returns (layout, plan or None when the log is clean, the pread to use for everything else:
@@ -324,6 +348,8 @@ def open_layout(pread: Pread, file_size: int) -> tuple[VhdxLayout, vlog.ReplayPl
     layout = read_layout(view, size, choice)
     if plan:
         layout.findings += plan.findings
-        layout.findings.append(f"log: dirty, {plan.entry_count} entries to replay "
-                               f"(sequence {plan.first_sequence}..{plan.last_sequence})")
+        layout.findings.append(
+            f"log: dirty, {plan.entry_count} entries to replay "
+            f"(sequence {plan.first_sequence}..{plan.last_sequence})"
+        )
     return layout, plan, view

@@ -21,18 +21,29 @@ from __future__ import annotations
 import bisect
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ...errors import FormatError
 from . import spec
-from .logspec import (LogEntryHeader, ZeroDescriptor, descriptor_area_length,
-                      join_page, pack_data_descriptor, pack_log_entry_header,
-                      pack_zero_descriptor, parse_data_sector, parse_descriptor,
-                      parse_log_entry_header, split_page, DESCRIPTOR_SIZE, LOG_CHECKSUM_OFFSET)
+from .logspec import (
+    DESCRIPTOR_SIZE,
+    LOG_CHECKSUM_OFFSET,
+    LogEntryHeader,
+    ZeroDescriptor,
+    descriptor_area_length,
+    join_page,
+    pack_data_descriptor,
+    pack_log_entry_header,
+    pack_zero_descriptor,
+    parse_data_sector,
+    parse_descriptor,
+    parse_log_entry_header,
+    split_page,
+)
 
-Pread = Callable[[int, int], bytes]          # (length, offset) -> bytes, short at EOF
-Pwrite = Callable[[bytes, int], object]      # (data, offset)
+Pread = Callable[[int, int], bytes]  # (length, offset) -> bytes, short at EOF
+Pwrite = Callable[[bytes, int], object]  # (data, offset)
 SECTOR = spec.LOG_SECTOR
 
 
@@ -59,12 +70,12 @@ class ReplayPlan:
     """The active sequence's effect, in replay order."""
 
     writes: list[LogWrite]
-    flushed_file_offset: int        # head entry's: the file must be at least this long
-    last_file_offset: int           # head entry's: extend the file to this after replay
-    entry_count: int                # entries replayed (Tail to head)
+    flushed_file_offset: int  # head entry's: the file must be at least this long
+    last_file_offset: int  # head entry's: extend the file to this after replay
+    entry_count: int  # entries replayed (Tail to head)
     first_sequence: int = 0
     last_sequence: int = 0
-    tail: int = 0                   # log offsets of the replayed range [tail, head)
+    tail: int = 0  # log offsets of the replayed range [tail, head)
     head: int = 0
     findings: list[str] = field(default_factory=list)
 
@@ -90,7 +101,7 @@ class ReplayPlan:
         """A ``pread`` that reads the file as if the plan had been applied (nothing written)."""
         pages: dict[int, bytes] = {}
         zeros: list[tuple[int, int]] = []
-        for w in self.writes:       # zero runs first, pages written later on top
+        for w in self.writes:  # zero runs first, pages written later on top
             if w.data is None:
                 end = w.file_offset + w.length
                 for p in [p for p in pages if w.file_offset <= p < end]:
@@ -110,12 +121,12 @@ class ReplayPlan:
             for zs, ze in zeros:
                 s, e = max(zs, offset), min(ze, end)
                 if s < e:
-                    buf[s - offset:e - offset] = bytes(e - s)
+                    buf[s - offset : e - offset] = bytes(e - s)
             i = bisect.bisect_left(keys, offset - SECTOR + 1)
             while i < len(keys) and keys[i] < end:
                 p = keys[i]
                 s, e = max(p, offset), min(p + SECTOR, end)
-                buf[s - offset:e - offset] = pages[p][s - p:e - p]
+                buf[s - offset : e - offset] = pages[p][s - p : e - p]
                 i += 1
             return bytes(buf)
 
@@ -140,7 +151,7 @@ class _Log:
         end = at + length
         if end <= self.length:
             return bytes(self.data[at:end])
-        return bytes(self.data[at:]) + bytes(self.data[:end - self.length])
+        return bytes(self.data[at:]) + bytes(self.data[: end - self.length])
 
 
 def _entry_at(log: _Log, at: int, log_guid: uuid.UUID) -> LogEntry:
@@ -182,7 +193,7 @@ def _check_entry(log: _Log, at: int, log_guid: uuid.UUID) -> LogEntry:
     data_index = 0
     for i in range(h.descriptor_count):
         try:
-            d = parse_descriptor(raw[64 + DESCRIPTOR_SIZE * i:64 + DESCRIPTOR_SIZE * (i + 1)])
+            d = parse_descriptor(raw[64 + DESCRIPTOR_SIZE * i : 64 + DESCRIPTOR_SIZE * (i + 1)])
         except FormatError:
             raise FormatError(f"{where}: descriptor {i} has a bad signature") from None
         if d.sequence_number != h.sequence_number:
@@ -202,10 +213,9 @@ def _check_entry(log: _Log, at: int, log_guid: uuid.UUID) -> LogEntry:
         if start + SECTOR > h.entry_length:
             raise FormatError(f"{where}: data sectors overflow the entry")
         try:
-            seq, body = parse_data_sector(raw[start:start + SECTOR])
+            seq, body = parse_data_sector(raw[start : start + SECTOR])
         except FormatError:
-            raise FormatError(f"{where}: data sector {data_index - 1} has a bad signature"
-                              ) from None
+            raise FormatError(f"{where}: data sector {data_index - 1} has a bad signature") from None
         if seq != h.sequence_number:
             raise FormatError(f"{where}: data sector {data_index - 1} sequence mismatch")
         writes.append(LogWrite(d.file_offset, SECTOR, join_page(d, body)))
@@ -220,9 +230,9 @@ def _dist(a: int, b: int, length: int) -> int:
 def _sequence_from(log: _Log, start: int, log_guid: uuid.UUID) -> list[LogEntry] | None:
     """Longest valid sequence beginning at ``start``, already cut at its head's Tail."""
     entries: list[LogEntry] = []
-    offsets: dict[int, int] = {}        # log offset -> index in entries
+    offsets: dict[int, int] = {}  # log offset -> index in entries
     used = 0
-    tail_index: int | None = None       # index of the newest entry's Tail, None if outside
+    tail_index: int | None = None  # index of the newest entry's Tail, None if outside
     at = start
     while True:
         try:
@@ -236,7 +246,7 @@ def _sequence_from(log: _Log, start: int, log_guid: uuid.UUID) -> list[LogEntry]
                 break
         idx = offsets.get(e.header.tail, len(entries) if e.header.tail == at else None)
         if entries and tail_index is not None and (idx is None or idx < tail_index):
-            break                       # a Tail may only move forward inside the sequence
+            break  # a Tail may only move forward inside the sequence
         entries.append(e)
         offsets[at] = len(entries) - 1
         tail_index = idx
@@ -249,8 +259,7 @@ def _sequence_from(log: _Log, start: int, log_guid: uuid.UUID) -> list[LogEntry]
     return entries[tail_index:]
 
 
-def scan_entries(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length: int
-                 ) -> list[LogEntry | str]:
+def scan_entries(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length: int) -> list[LogEntry | str]:
     """Every 4 KiB log offset that holds a 'loge' signature: a LogEntry, or why it is invalid.
 
     Diagnostic (``vhdfs info``, tests); replay uses :func:`plan_replay`.
@@ -259,19 +268,20 @@ def scan_entries(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length:
         log = _Log(pread, log_offset, log_length)
         out: list[LogEntry | str] = []
         for at in range(0, log_length, SECTOR):
-            if log.data[at:at + 4] != spec.LOG_ENTRY_SIGNATURE:
+            if log.data[at : at + 4] != spec.LOG_ENTRY_SIGNATURE:
                 continue
             try:
                 out.append(_entry_at(log, at, log_guid))
             except FormatError as exc:
                 out.append(exc.message)
         return out
-    except (struct.error, IndexError, ValueError) as exc:   # defensive: never leak these
+    except (struct.error, IndexError, ValueError) as exc:  # defensive: never leak these
         raise FormatError(f"log: unreadable ({exc})") from None
 
 
-def plan_replay(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length: int,
-                file_size: int) -> ReplayPlan | None:
+def plan_replay(
+    pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length: int, file_size: int
+) -> ReplayPlan | None:
     """Find the active sequence and return what replaying it does; None for a zero LogGuid.
 
     FormatError when the log region is misplaced or the file is shorter than the head entry's
@@ -296,27 +306,43 @@ def plan_replay(pread: Pread, log_guid: uuid.UUID, log_offset: int, log_length: 
                 best = seq
             end = (seq[-1].log_offset + seq[-1].header.entry_length) % log_length
             if end <= start:
-                break                   # the sequence wrapped: everything has been seen
+                break  # the sequence wrapped: everything has been seen
             start = end
-    except (struct.error, IndexError, ValueError) as exc:   # defensive: never leak these
+    except (struct.error, IndexError, ValueError) as exc:  # defensive: never leak these
         raise FormatError(f"log: unreadable ({exc})") from None
     if best is None:
-        return ReplayPlan([], 0, 0, 0, findings=[
-            "log: LogGuid is set but no valid entry carries it; nothing to replay"])
+        return ReplayPlan(
+            [], 0, 0, 0, findings=["log: LogGuid is set but no valid entry carries it; nothing to replay"]
+        )
     head = best[-1]
     if file_size < head.header.flushed_file_offset:
-        raise FormatError(f"log entry at offset {head.log_offset}: file is {file_size} bytes, "
-                          f"less than FlushedFileOffset {head.header.flushed_file_offset} "
-                          "(truncated)")
+        raise FormatError(
+            f"log entry at offset {head.log_offset}: file is {file_size} bytes, "
+            f"less than FlushedFileOffset {head.header.flushed_file_offset} "
+            "(truncated)"
+        )
     writes = [w for e in best for w in e.writes]
-    return ReplayPlan(writes, head.header.flushed_file_offset, head.header.last_file_offset,
-                      len(best), best[0].header.sequence_number, head.header.sequence_number,
-                      best[0].log_offset, (head.log_offset + head.header.entry_length) % log_length)
+    return ReplayPlan(
+        writes,
+        head.header.flushed_file_offset,
+        head.header.last_file_offset,
+        len(best),
+        best[0].header.sequence_number,
+        head.header.sequence_number,
+        best[0].log_offset,
+        (head.log_offset + head.header.entry_length) % log_length,
+    )
 
 
-def build_entry(log_guid: uuid.UUID, sequence: int, tail: int, pages: dict[int, bytes],
-                flushed_file_offset: int, last_file_offset: int,
-                zeros: dict[int, int] | None = None) -> bytes:
+def build_entry(
+    log_guid: uuid.UUID,
+    sequence: int,
+    tail: int,
+    pages: dict[int, bytes],
+    flushed_file_offset: int,
+    last_file_offset: int,
+    zeros: dict[int, int] | None = None,
+) -> bytes:
     """One log entry: header, descriptors (zero runs, then pages), data sectors, CRC-32C.
 
     ``pages`` maps 4 KiB-aligned file offsets to 4096-byte pages; ``zeros`` maps offsets to
@@ -336,8 +362,7 @@ def build_entry(log_guid: uuid.UUID, sequence: int, tail: int, pages: dict[int, 
         sectors.append(sector)
     desc_len = descriptor_area_length(len(descs))
     length = desc_len + SECTOR * len(sectors)
-    h = LogEntryHeader(length, tail, sequence, len(descs), log_guid, flushed_file_offset,
-                       last_file_offset)
+    h = LogEntryHeader(length, tail, sequence, len(descs), log_guid, flushed_file_offset, last_file_offset)
     buf = bytearray(pack_log_entry_header(h) + b"".join(descs))
     buf += bytes(desc_len - len(buf))
     buf += b"".join(sectors)
@@ -345,7 +370,8 @@ def build_entry(log_guid: uuid.UUID, sequence: int, tail: int, pages: dict[int, 
     return bytes(buf)
 
 
-def build_empty_entry(log_guid: uuid.UUID, sequence: int, tail: int, flushed_file_offset: int,
-                      last_file_offset: int) -> bytes:
+def build_empty_entry(
+    log_guid: uuid.UUID, sequence: int, tail: int, flushed_file_offset: int, last_file_offset: int
+) -> bytes:
     """The 4 KiB entry with no descriptors that opens a session's sequence (OpenVMM, Windows)."""
     return build_entry(log_guid, sequence, tail, {}, flushed_file_offset, last_file_offset)

@@ -14,17 +14,23 @@ import uuid
 from dataclasses import dataclass
 
 from ...errors import FormatError
-from .spec import (DATA_SIGNATURE, DESC_SIGNATURE, LOG_ENTRY_SIGNATURE, LOG_SECTOR,
-                   ZERO_SIGNATURE, require_length)
+from .spec import (
+    DATA_SIGNATURE,
+    DESC_SIGNATURE,
+    LOG_ENTRY_SIGNATURE,
+    LOG_SECTOR,
+    ZERO_SIGNATURE,
+    require_length,
+)
 
 # signature, checksum, entry length, tail, sequence, descriptor count, reserved, LogGuid,
 # FlushedFileOffset, LastFileOffset
 LOG_HEADER_STRUCT = struct.Struct("<4sIIIQII16sQQ")
 LOG_CHECKSUM_OFFSET = 4
 DESCRIPTOR_SIZE = 32
-ZERO_DESC_STRUCT = struct.Struct("<4s4xQQQ")        # sig, reserved, length, offset, seq
-DATA_DESC_STRUCT = struct.Struct("<4sIQQQ")         # sig, trailing, leading, offset, seq
-DATA_SECTOR_STRUCT = struct.Struct("<4sI4084sI")    # sig, seq high, data, seq low
+ZERO_DESC_STRUCT = struct.Struct("<4s4xQQQ")  # sig, reserved, length, offset, seq
+DATA_DESC_STRUCT = struct.Struct("<4sIQQQ")  # sig, trailing, leading, offset, seq
+DATA_SECTOR_STRUCT = struct.Struct("<4sI4084sI")  # sig, seq high, data, seq low
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,18 @@ def parse_log_entry_header(data: bytes) -> LogEntryHeader:
 
 
 def pack_log_entry_header(h: LogEntryHeader, checksum: int = 0) -> bytes:
-    return LOG_HEADER_STRUCT.pack(LOG_ENTRY_SIGNATURE, checksum, h.entry_length, h.tail,
-                                  h.sequence_number, h.descriptor_count, 0, h.log_guid.bytes_le,
-                                  h.flushed_file_offset, h.last_file_offset)
+    return LOG_HEADER_STRUCT.pack(
+        LOG_ENTRY_SIGNATURE,
+        checksum,
+        h.entry_length,
+        h.tail,
+        h.sequence_number,
+        h.descriptor_count,
+        0,
+        h.log_guid.bytes_le,
+        h.flushed_file_offset,
+        h.last_file_offset,
+    )
 
 
 def descriptor_area_length(descriptor_count: int) -> int:
@@ -70,8 +85,8 @@ class ZeroDescriptor:
 @dataclass(frozen=True)
 class DataDescriptor:
     file_offset: int
-    leading_bytes: bytes    # the page's first 8 bytes
-    trailing_bytes: bytes   # the page's last 4 bytes
+    leading_bytes: bytes  # the page's first 8 bytes
+    trailing_bytes: bytes  # the page's last 4 bytes
     sequence_number: int
 
 
@@ -94,8 +109,7 @@ def pack_zero_descriptor(d: ZeroDescriptor) -> bytes:
 def pack_data_descriptor(d: DataDescriptor) -> bytes:
     (leading,) = struct.unpack("<Q", d.leading_bytes)
     (trailing,) = struct.unpack("<I", d.trailing_bytes)
-    return DATA_DESC_STRUCT.pack(DESC_SIGNATURE, trailing, leading, d.file_offset,
-                                 d.sequence_number)
+    return DATA_DESC_STRUCT.pack(DESC_SIGNATURE, trailing, leading, d.file_offset, d.sequence_number)
 
 
 def parse_data_sector(data: bytes) -> tuple[int, bytes]:
@@ -108,12 +122,10 @@ def parse_data_sector(data: bytes) -> tuple[int, bytes]:
 
 
 def pack_data_sector(sequence_number: int, body: bytes) -> bytes:
-    return DATA_SECTOR_STRUCT.pack(DATA_SIGNATURE, sequence_number >> 32, body,
-                                   sequence_number & 0xFFFFFFFF)
+    return DATA_SECTOR_STRUCT.pack(DATA_SIGNATURE, sequence_number >> 32, body, sequence_number & 0xFFFFFFFF)
 
 
-def split_page(file_offset: int, page: bytes, sequence_number: int
-               ) -> tuple[DataDescriptor, bytes]:
+def split_page(file_offset: int, page: bytes, sequence_number: int) -> tuple[DataDescriptor, bytes]:
     """Split a 4 KiB page into its descriptor (leading 8, trailing 4 bytes) and data sector."""
     if len(page) != LOG_SECTOR:
         raise ValueError("a logged page is exactly 4096 bytes")

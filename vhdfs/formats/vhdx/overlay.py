@@ -24,7 +24,7 @@ class ReplayOverlay:
     def __init__(self, plan: vlog.ReplayPlan, file_size: int) -> None:
         pages: dict[int, bytes] = {}
         spans: list[tuple[int, int]] = []
-        for w in plan.writes:           # later writes win, as in ReplayPlan.apply
+        for w in plan.writes:  # later writes win, as in ReplayPlan.apply
             if w.data is None:
                 end = w.file_offset + w.length
                 for p in [p for p in pages if w.file_offset <= p < end]:

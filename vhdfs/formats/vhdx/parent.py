@@ -57,7 +57,7 @@ def _windows_tail(value: str) -> str:
     v = value.strip()
     m = _VOLUME.match(v)
     if m:
-        rest = v[m.end():]
+        rest = v[m.end() :]
     else:
         _drive, rest = ntpath.splitdrive(v)
     return rest.replace("\\", "/").lstrip("/")
@@ -84,7 +84,7 @@ def candidates(child_path: str, locator: dict[str, str]) -> tuple[list[str], lis
         value = locator.get(key)
         if not value:
             continue
-        if value.startswith("/"):           # written on a posix system
+        if value.startswith("/"):  # written on a posix system
             out.append(value)
         tail = _windows_tail(value)
         if tail:
@@ -97,10 +97,20 @@ def candidates(child_path: str, locator: dict[str, str]) -> tuple[list[str], lis
 
 
 def parent_ref(child_path: str, locator: dict[str, str]) -> VhdxParentRef:
-    accepted = tuple(g for g in (parse_guid(locator.get("parent_linkage")),
-                                 parse_guid(locator.get("parent_linkage2"))) if g is not None)
+    accepted = tuple(
+        g
+        for g in (parse_guid(locator.get("parent_linkage")), parse_guid(locator.get("parent_linkage2")))
+        if g is not None
+    )
     paths, names = candidates(child_path, locator)
     shown = " or ".join(str(g) for g in accepted) or "(no parent_linkage)"
     name = names[0] if names else (locator.get("relative_path") or "(unnamed parent)")
-    return VhdxParentRef(name=name, expected_id=shown, candidates=paths, search_names=names,
-                         format="vhdx", accepted=accepted, locator=dict(locator))
+    return VhdxParentRef(
+        name=name,
+        expected_id=shown,
+        candidates=paths,
+        search_names=names,
+        format="vhdx",
+        accepted=accepted,
+        locator=dict(locator),
+    )

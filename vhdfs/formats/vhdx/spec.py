@@ -31,17 +31,17 @@ HEADER_AREA_SIZE = 1 * MiB
 HEADER_SIZE = 4 * KiB
 REGION_TABLE_SIZE = 64 * KiB
 METADATA_TABLE_SIZE = 64 * KiB
-ALIGNMENT = 1 * MiB                 # regions, log and blocks
-LOG_SECTOR = 4 * KiB                # log entries, descriptors and logged pages
-LOGGABLE_OFFSET = REGION_TABLE1_OFFSET   # headers are never logged (OpenVMM)
+ALIGNMENT = 1 * MiB  # regions, log and blocks
+LOG_SECTOR = 4 * KiB  # log entries, descriptors and logged pages
+LOGGABLE_OFFSET = REGION_TABLE1_OFFSET  # headers are never logged (OpenVMM)
 
 MAX_REGION_ENTRIES = 2047
 MAX_METADATA_ENTRIES = 2047
 MIN_BLOCK_SIZE = 1 * MiB
 MAX_BLOCK_SIZE = 256 * MiB
 SECTOR_SIZES = (512, 4096)
-MAX_VIRTUAL_SIZE = 64 * TiB         # OpenVMM's and QEMU's cap
-SECTORS_PER_CHUNK = 1 << 23         # one 1 MiB sector bitmap block covers 2^23 sectors
+MAX_VIRTUAL_SIZE = 64 * TiB  # OpenVMM's and QEMU's cap
+SECTORS_PER_CHUNK = 1 << 23  # one 1 MiB sector bitmap block covers 2^23 sectors
 BITMAP_BLOCK_SIZE = 1 * MiB
 
 FILE_ID_SIGNATURE = b"vhdxfile"
@@ -71,10 +71,14 @@ CHS_PARAMETERS = uuid.UUID("da02d7bc-3d3a-423c-ac88-2a36ab21479b")
 INCOMPLETE_FILE = uuid.UUID("71cc85f0-1b69-4e28-9558-c3bf83ae75d3")
 PMEM_LABEL = uuid.UUID("10e1ae8a-4b7e-4169-a40f-cd70de928393")
 METADATA_NAMES = {
-    FILE_PARAMETERS: "file parameters", VIRTUAL_DISK_SIZE: "virtual disk size",
-    PAGE83: "page 83 data", LOGICAL_SECTOR_SIZE: "logical sector size",
-    PHYSICAL_SECTOR_SIZE: "physical sector size", PARENT_LOCATOR: "parent locator",
-    CHS_PARAMETERS: "CHS parameters", INCOMPLETE_FILE: "incomplete file",
+    FILE_PARAMETERS: "file parameters",
+    VIRTUAL_DISK_SIZE: "virtual disk size",
+    PAGE83: "page 83 data",
+    LOGICAL_SECTOR_SIZE: "logical sector size",
+    PHYSICAL_SECTOR_SIZE: "physical sector size",
+    PARENT_LOCATOR: "parent locator",
+    CHS_PARAMETERS: "CHS parameters",
+    INCOMPLETE_FILE: "incomplete file",
     PMEM_LABEL: "PMEM label storage area",
 }
 PARENT_LOCATOR_TYPE = uuid.UUID("b04aefb7-d19e-4a81-b789-25b8e9445913")
@@ -84,16 +88,22 @@ PAYLOAD_NOT_PRESENT = 0
 PAYLOAD_UNDEFINED = 1
 PAYLOAD_ZERO = 2
 PAYLOAD_UNMAPPED = 3
-PAYLOAD_UNMAPPED_V095 = 5           # QEMU reads the v0.95 value as UNMAPPED
+PAYLOAD_UNMAPPED_V095 = 5  # QEMU reads the v0.95 value as UNMAPPED
 PAYLOAD_FULLY_PRESENT = 6
 PAYLOAD_PARTIALLY_PRESENT = 7
-PAYLOAD_STATES = {0: "NOT_PRESENT", 1: "UNDEFINED", 2: "ZERO", 3: "UNMAPPED",
-                  6: "FULLY_PRESENT", 7: "PARTIALLY_PRESENT"}
+PAYLOAD_STATES = {
+    0: "NOT_PRESENT",
+    1: "UNDEFINED",
+    2: "ZERO",
+    3: "UNMAPPED",
+    6: "FULLY_PRESENT",
+    7: "PARTIALLY_PRESENT",
+}
 SB_NOT_PRESENT = 0
 SB_PRESENT = 6
 BITMAP_STATES = {0: "NOT_PRESENT", 6: "PRESENT"}
 BAT_STATE_MASK = 0x7
-BAT_OFFSET_SHIFT = 20               # FileOffsetMB lives in bits 20-63
+BAT_OFFSET_SHIFT = 20  # FileOffsetMB lives in bits 20-63
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -104,7 +114,7 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
 def checksum_with_field_zeroed(data: bytes, field_offset: int) -> int:
     """CRC-32C of ``data`` with its 4-byte checksum field at ``field_offset`` read as zero."""
     crc = google_crc32c.value(bytes(data[:field_offset]) + b"\0\0\0\0")
-    return google_crc32c.extend(crc, bytes(data[field_offset + 4:]))
+    return google_crc32c.extend(crc, bytes(data[field_offset + 4 :]))
 
 
 def require_length(data: bytes, size: int, what: str) -> None:
@@ -113,7 +123,7 @@ def require_length(data: bytes, size: int, what: str) -> None:
 
 
 def _put_checksum(buf: bytearray, field_offset: int) -> bytes:
-    buf[field_offset:field_offset + 4] = b"\0\0\0\0"
+    buf[field_offset : field_offset + 4] = b"\0\0\0\0"
     struct.pack_into("<I", buf, field_offset, crc32c(buf))
     return bytes(buf)
 
@@ -168,24 +178,43 @@ def parse_header(data: bytes, what: str = "header") -> Header:
         raise FormatError(f"{what}: bad signature {bytes(data[:4])!r}")
     if not header_is_valid(data):
         raise FormatError(f"{what}: bad checksum")
-    sig, crc, seq, fwg, dwg, lg, lver, ver, llen, loff = HEADER_STRUCT.unpack_from(data)
-    return Header(seq, uuid.UUID(bytes_le=fwg), uuid.UUID(bytes_le=dwg), uuid.UUID(bytes_le=lg),
-                  lver, ver, llen, loff, crc)
+    _sig, crc, seq, fwg, dwg, lg, lver, ver, llen, loff = HEADER_STRUCT.unpack_from(data)
+    return Header(
+        seq,
+        uuid.UUID(bytes_le=fwg),
+        uuid.UUID(bytes_le=dwg),
+        uuid.UUID(bytes_le=lg),
+        lver,
+        ver,
+        llen,
+        loff,
+        crc,
+    )
 
 
 def pack_header(h: Header) -> bytes:
     """4 KiB header with its CRC computed (the ``checksum`` field of ``h`` is ignored)."""
     buf = bytearray(HEADER_SIZE)
-    HEADER_STRUCT.pack_into(buf, 0, HEADER_SIGNATURE, 0, h.sequence_number,
-                            h.file_write_guid.bytes_le, h.data_write_guid.bytes_le,
-                            h.log_guid.bytes_le, h.log_version, h.version, h.log_length,
-                            h.log_offset)
+    HEADER_STRUCT.pack_into(
+        buf,
+        0,
+        HEADER_SIGNATURE,
+        0,
+        h.sequence_number,
+        h.file_write_guid.bytes_le,
+        h.data_write_guid.bytes_le,
+        h.log_guid.bytes_le,
+        h.log_version,
+        h.version,
+        h.log_length,
+        h.log_offset,
+    )
     return _put_checksum(buf, HEADER_CHECKSUM_OFFSET)
 
 
 # --- region table (§2.2.3) ------------------------------------------------------------------
-REGION_HEADER_STRUCT = struct.Struct("<4sIII")      # signature, checksum, entry count, reserved
-REGION_ENTRY_STRUCT = struct.Struct("<16sQII")      # guid, file offset, length, flags
+REGION_HEADER_STRUCT = struct.Struct("<4sIII")  # signature, checksum, entry count, reserved
+REGION_ENTRY_STRUCT = struct.Struct("<16sQII")  # guid, file offset, length, flags
 REGION_CHECKSUM_OFFSET = 4
 
 
@@ -195,7 +224,7 @@ class RegionEntry:
     file_offset: int
     length: int
     required: bool
-    flags: int = 0          # the raw 32-bit word, so a writer preserves reserved bits
+    flags: int = 0  # the raw 32-bit word, so a writer preserves reserved bits
 
 
 def parse_region_table(data: bytes, what: str = "region table") -> list[RegionEntry]:
@@ -222,14 +251,13 @@ def pack_region_table(entries: list[RegionEntry]) -> bytes:
     REGION_HEADER_STRUCT.pack_into(buf, 0, REGION_SIGNATURE, 0, len(entries), 0)
     for i, e in enumerate(entries):
         flags = (e.flags & ~1) | int(e.required)
-        REGION_ENTRY_STRUCT.pack_into(buf, 16 + 32 * i, e.guid.bytes_le, e.file_offset,
-                                      e.length, flags)
+        REGION_ENTRY_STRUCT.pack_into(buf, 16 + 32 * i, e.guid.bytes_le, e.file_offset, e.length, flags)
     return _put_checksum(buf, REGION_CHECKSUM_OFFSET)
 
 
 # --- metadata table (§2.6.1) ----------------------------------------------------------------
-METADATA_HEADER_STRUCT = struct.Struct("<8sHH20x")   # signature, reserved, entry count
-METADATA_ENTRY_STRUCT = struct.Struct("<16sIII4x")   # item id, offset, length, flags
+METADATA_HEADER_STRUCT = struct.Struct("<8sHH20x")  # signature, reserved, entry count
+METADATA_ENTRY_STRUCT = struct.Struct("<16sIII4x")  # item id, offset, length, flags
 META_IS_USER = 1
 META_IS_VIRTUAL_DISK = 2
 META_IS_REQUIRED = 4
@@ -238,7 +266,7 @@ META_IS_REQUIRED = 4
 @dataclass(frozen=True)
 class MetadataEntry:
     item_id: uuid.UUID
-    offset: int             # relative to the metadata region
+    offset: int  # relative to the metadata region
     length: int
     is_user: bool
     is_virtual_disk: bool
@@ -261,9 +289,17 @@ def parse_metadata_table(data: bytes, what: str = "metadata table") -> list[Meta
     out = []
     for i in range(count):
         g, off, length, flags = METADATA_ENTRY_STRUCT.unpack_from(data, 32 + 32 * i)
-        out.append(MetadataEntry(uuid.UUID(bytes_le=g), off, length, bool(flags & META_IS_USER),
-                                 bool(flags & META_IS_VIRTUAL_DISK),
-                                 bool(flags & META_IS_REQUIRED), flags))
+        out.append(
+            MetadataEntry(
+                uuid.UUID(bytes_le=g),
+                off,
+                length,
+                bool(flags & META_IS_USER),
+                bool(flags & META_IS_VIRTUAL_DISK),
+                bool(flags & META_IS_REQUIRED),
+                flags,
+            )
+        )
     return out
 
 
@@ -273,10 +309,13 @@ def pack_metadata_table(entries: list[MetadataEntry]) -> bytes:
     buf = bytearray(METADATA_TABLE_SIZE)
     METADATA_HEADER_STRUCT.pack_into(buf, 0, METADATA_SIGNATURE, 0, len(entries))
     for i, e in enumerate(entries):
-        flags = (e.flags & ~7) | (META_IS_USER * e.is_user) | (
-            META_IS_VIRTUAL_DISK * e.is_virtual_disk) | (META_IS_REQUIRED * e.is_required)
-        METADATA_ENTRY_STRUCT.pack_into(buf, 32 + 32 * i, e.item_id.bytes_le, e.offset,
-                                        e.length, flags)
+        flags = (
+            (e.flags & ~7)
+            | (META_IS_USER * e.is_user)
+            | (META_IS_VIRTUAL_DISK * e.is_virtual_disk)
+            | (META_IS_REQUIRED * e.is_required)
+        )
+        METADATA_ENTRY_STRUCT.pack_into(buf, 32 + 32 * i, e.item_id.bytes_le, e.offset, e.length, flags)
     return bytes(buf)
 
 
@@ -298,8 +337,7 @@ def parse_file_parameters(data: bytes) -> FileParameters:
 
 
 def pack_file_parameters(p: FileParameters) -> bytes:
-    return FILE_PARAMETERS_STRUCT.pack(p.block_size,
-                                       int(p.leave_block_allocated) | 2 * int(p.has_parent))
+    return FILE_PARAMETERS_STRUCT.pack(p.block_size, int(p.leave_block_allocated) | 2 * int(p.has_parent))
 
 
 def parse_u64(data: bytes, what: str) -> int:
@@ -329,49 +367,6 @@ def pack_page83(value: uuid.UUID) -> bytes:
     return value.bytes_le
 
 
-# --- parent locator (§2.6.2.6) --------------------------------------------------------------
-LOCATOR_HEADER_STRUCT = struct.Struct("<16sHH")     # type, reserved, key/value count
-LOCATOR_ENTRY_STRUCT = struct.Struct("<IIHH")       # key off, value off, key len, value len
-
-
-def parse_parent_locator(data: bytes) -> tuple[uuid.UUID, dict[str, str]]:
-    """Return (locator type, {key: value}); strings are UTF-16LE without a NUL."""
-    what = "metadata: parent locator"
-    require_length(data, LOCATOR_HEADER_STRUCT.size, what)
-    t, _, count = LOCATOR_HEADER_STRUCT.unpack_from(data)
-    require_length(data, LOCATOR_HEADER_STRUCT.size + 12 * count, what)
-    out: dict[str, str] = {}
-    for i in range(count):
-        ko, vo, kl, vl = LOCATOR_ENTRY_STRUCT.unpack_from(data, 20 + 12 * i)
-        if ko + kl > len(data) or vo + vl > len(data) or kl == 0 or kl % 2 or vl % 2:
-            raise FormatError(f"{what}: entry {i} out of bounds or odd length")
-        try:
-            key = bytes(data[ko:ko + kl]).decode("utf-16-le")
-            value = bytes(data[vo:vo + vl]).decode("utf-16-le")
-        except UnicodeDecodeError as exc:
-            raise FormatError(f"{what}: entry {i} is not UTF-16LE") from exc
-        if key in out:
-            raise FormatError(f"{what}: duplicate key {key!r}")
-        out[key] = value
-    return uuid.UUID(bytes_le=t), out
-
-
-def pack_parent_locator(entries: dict[str, str], locator_type: uuid.UUID = PARENT_LOCATOR_TYPE
-                        ) -> bytes:
-    head = bytearray(LOCATOR_HEADER_STRUCT.pack(locator_type.bytes_le, 0, len(entries)))
-    table = bytearray()
-    blob = bytearray()
-    base = len(head) + 12 * len(entries)
-    for k, v in entries.items():
-        kb, vb = k.encode("utf-16-le"), v.encode("utf-16-le")
-        ko = base + len(blob)
-        blob += kb
-        vo = base + len(blob)
-        blob += vb
-        table += LOCATOR_ENTRY_STRUCT.pack(ko, vo, len(kb), len(vb))
-    return bytes(head + table + blob)
-
-
 # --- BAT entries and geometry (§2.4, §2.5) --------------------------------------------------
 def bat_state(entry: int) -> int:
     return entry & BAT_STATE_MASK
@@ -392,10 +387,10 @@ def pack_bat_entry(state: int, file_offset: int = 0) -> int:
 class BatGeometry:
     """How payload and sector-bitmap entries interleave in the BAT (§2.5)."""
 
-    chunk_ratio: int        # payload blocks per sector bitmap block
+    chunk_ratio: int  # payload blocks per sector bitmap block
     payload_blocks: int
     bitmap_blocks: int
-    entry_count: int        # entries the BAT must hold
+    entry_count: int  # entries the BAT must hold
 
     def payload_index(self, block: int) -> int:
         return block + block // self.chunk_ratio
@@ -408,8 +403,9 @@ def chunk_ratio(logical_sector_size: int, block_size: int) -> int:
     return (SECTORS_PER_CHUNK * logical_sector_size) // block_size
 
 
-def bat_geometry(virtual_size: int, block_size: int, logical_sector_size: int,
-                 has_parent: bool) -> BatGeometry:
+def bat_geometry(
+    virtual_size: int, block_size: int, logical_sector_size: int, has_parent: bool
+) -> BatGeometry:
     ratio = chunk_ratio(logical_sector_size, block_size)
     payload = -(-virtual_size // block_size)
     bitmaps = -(-payload // ratio)
@@ -418,5 +414,3 @@ def bat_geometry(virtual_size: int, block_size: int, logical_sector_size: int,
     else:
         entries = payload + (payload - 1) // ratio if payload else 0
     return BatGeometry(ratio, payload, bitmaps, entries)
-
-

@@ -81,13 +81,13 @@ class VhdxLog:
         self._lock = threading.RLock()
         self._open = False
         self._data_changed = False
-        self.replayed: vlog.ReplayPlan | None = None   # what open_writable replayed, if any
+        self.replayed: vlog.ReplayPlan | None = None  # what open_writable replayed, if any
         self._log_offset = layout.header.log_offset
         self._log_length = layout.header.log_length
-        self._seq = 1                       # sequence number of the next entry
-        self._head = 0                      # log offset where the next entry goes
-        self._latest = (0, 0)               # (log offset, length) of the newest durable entry
-        self._pending: list[tuple[int, int]] = []   # entries whose pages may not be durable in place
+        self._seq = 1  # sequence number of the next entry
+        self._head = 0  # log offset where the next entry goes
+        self._latest = (0, 0)  # (log offset, length) of the newest durable entry
+        self._pending: list[tuple[int, int]] = []  # entries whose pages may not be durable in place
 
     # --- state ---------------------------------------------------------------------------
     @property
@@ -127,10 +127,12 @@ class VhdxLog:
         with self._lock:
             cur = self._header
             if cur.sequence_number + 2 > MAX_SEQUENCE:
-                raise UnsupportedError(f"header sequence number {cur.sequence_number} would "
-                                       "overflow: refusing to update the headers", self.f.path)
-            first = dataclasses.replace(cur, sequence_number=cur.sequence_number + 1,
-                                        checksum=0, **changes)
+                raise UnsupportedError(
+                    f"header sequence number {cur.sequence_number} would "
+                    "overflow: refusing to update the headers",
+                    self.f.path,
+                )
+            first = dataclasses.replace(cur, sequence_number=cur.sequence_number + 1, checksum=0, **changes)  # type: ignore[arg-type]  # Header fields by name
             self._write_header(3 - self._slot, first)
             self._header, self._slot = first, 3 - self._slot
             second = dataclasses.replace(first, sequence_number=first.sequence_number + 1)
@@ -151,16 +153,15 @@ class VhdxLog:
             if not f.writable:
                 raise VhdfsError("opened read-only: cannot start the VHDX log", f.path)
             if h.log_length < spec.MiB or h.log_offset < spec.HEADER_AREA_SIZE:
-                raise UnsupportedError(f"log region at {h.log_offset} length {h.log_length}: "
-                                       "cannot write without a log", f.path)
+                raise UnsupportedError(
+                    f"log region at {h.log_offset} length {h.log_length}: cannot write without a log", f.path
+                )
             if f.size() < h.log_offset + h.log_length:
-                raise FormatError(f"log region at {h.log_offset} runs past the end of the file",
-                                  f.path)
+                raise FormatError(f"log region at {h.log_offset} runs past the end of the file", f.path)
             session_fwg = uuid.uuid4()
             if h.log_guid != spec.NULL_GUID:
                 if plan is None:
-                    plan = vlog.plan_replay(f.pread, h.log_guid, h.log_offset, h.log_length,
-                                            f.size())
+                    plan = vlog.plan_replay(f.pread, h.log_guid, h.log_offset, h.log_length, f.size())
                 self.update_header(file_write_guid=session_fwg)
                 assert plan is not None
                 plan.apply(f.pwrite)
@@ -201,12 +202,18 @@ class VhdxLog:
 
     def _need_open(self) -> None:
         if not self._open:
-            raise VhdfsError("the VHDX log is not open for writing (open_writable first)",
-                             self.f.path)
+            raise VhdfsError("the VHDX log is not open for writing (open_writable first)", self.f.path)
 
     # --- commit --------------------------------------------------------------------------
-    def commit(self, pages: dict[int, bytes], zeros: dict[int, int] | None = None, *,
-               flush_data: bool = True, sync_in_place: bool = True, split: bool = False) -> None:
+    def commit(
+        self,
+        pages: dict[int, bytes],
+        zeros: dict[int, int] | None = None,
+        *,
+        flush_data: bool = True,
+        sync_in_place: bool = True,
+        split: bool = False,
+    ) -> None:
         """Make ``pages`` (and zero runs) durable through the log, then write them in place."""
         zeros = dict(zeros or {})
         with self._lock:
@@ -217,9 +224,11 @@ class VhdxLog:
             limit = self.max_commit_pages(len(zeros))
             if len(pages) > limit:
                 if not split or limit == 0:
-                    raise ValueError(f"a commit of {len(pages)} pages and {len(zeros)} zero runs "
-                                     f"does not fit one entry of the {self._log_length}-byte log "
-                                     f"(at most {limit} pages; split=True commits it in parts)")
+                    raise ValueError(
+                        f"a commit of {len(pages)} pages and {len(zeros)} zero runs "
+                        f"does not fit one entry of the {self._log_length}-byte log "
+                        f"(at most {limit} pages; split=True commits it in parts)"
+                    )
                 # pages outside the BAT first (sector bitmaps, metadata), then the BAT pages
                 # that may point at them: a cut between parts leaves no BAT entry ahead of its
                 # bitmap
@@ -227,9 +236,8 @@ class VhdxLog:
                 keys = sorted(pages, key=lambda o: (bat[0] <= o < bat[1], o))
                 first = True
                 for i in range(0, len(keys), limit):
-                    part = {k: pages[k] for k in keys[i:i + limit]}
-                    self._commit_one(part, zeros if first else {}, flush_data and first,
-                                     sync_in_place)
+                    part = {k: pages[k] for k in keys[i : i + limit]}
+                    self._commit_one(part, zeros if first else {}, flush_data and first, sync_in_place)
                     first = False
                     limit = self.max_commit_pages(0)
                 return
@@ -254,8 +262,9 @@ class VhdxLog:
         start = self._pending[0][0] if self._pending else self._latest[0]
         return (self._head - start) % self._log_length or self._log_length
 
-    def _commit_one(self, pages: dict[int, bytes], zeros: dict[int, int], flush_data: bool,
-                    sync_in_place: bool) -> None:
+    def _commit_one(
+        self, pages: dict[int, bytes], zeros: dict[int, int], flush_data: bool, sync_in_place: bool
+    ) -> None:
         f = self.f
         if flush_data:
             f.sync()
@@ -267,8 +276,7 @@ class VhdxLog:
                 self._pending = []
             if length > self._log_length - self._protected():
                 size = f.size()
-                self._write_entry(vlog.build_empty_entry(self.log_guid, self._seq, self._head,
-                                                         size, size))
+                self._write_entry(vlog.build_empty_entry(self.log_guid, self._seq, self._head, size, size))
                 f.sync()
                 self._durable_entry(self._head, EMPTY_ENTRY)
         assert length <= self._log_length - self._protected()
@@ -283,7 +291,7 @@ class VhdxLog:
         self._pending.append((at, length))
         for off, n in sorted(zeros.items()):
             f.write_parts([n], off)
-        run_start, run = None, []
+        run_start, run = 0, list[bytes]()
         for off in sorted(pages):
             if run and off != run_start + SECTOR * len(run):
                 f.pwrite(b"".join(run), run_start)

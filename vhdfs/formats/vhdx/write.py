@@ -30,14 +30,11 @@ from __future__ import annotations
 from typing import Any
 
 from ...block.pending import COMMIT_BYTES
-from ...block.rawfile import RawFile
 from ...errors import FormatError
 from . import spec as S
 from .bat import PAGE
 from .bitmap import set_bits
 from .journal import Journal
-from .layout import VhdxLayout
-from .log import ReplayPlan
 
 _ZEROABLE = (S.PAYLOAD_ZERO, S.PAYLOAD_UNMAPPED, S.PAYLOAD_UNMAPPED_V095, S.PAYLOAD_UNDEFINED)
 COMMIT_PAGES = 128
@@ -62,7 +59,8 @@ class VhdxWriter:
         ratio = self.geometry.chunk_ratio
         for i, e in self.bat.scan():
             if (e & 7) in (S.PAYLOAD_FULLY_PRESENT, S.PAYLOAD_PARTIALLY_PRESENT) or (
-                    (i + 1) % (ratio + 1) == 0 and (e & 7) == S.SB_PRESENT):
+                (i + 1) % (ratio + 1) == 0 and (e & 7) == S.SB_PRESENT
+            ):
                 size = S.BITMAP_BLOCK_SIZE if (i + 1) % (ratio + 1) == 0 else self.block_size
                 end = max(end, S.bat_offset(e) + size)
         self._file_end = -(-end // S.MiB) * S.MiB
@@ -90,7 +88,7 @@ class VhdxWriter:
     def _mark_bits(self: Any, block: int, s0: int, s1: int) -> None:
         """Set bitmap bits of sectors [s0, s1) of ``block`` in the cached pages (dirty)."""
         base = self.bitmap_location(block)
-        first = base * 8 + s0                 # absolute bit position in the file
+        first = base * 8 + s0  # absolute bit position in the file
         last = base * 8 + s1
         pos = first
         while pos < last:
@@ -114,8 +112,7 @@ class VhdxWriter:
         SS = self.sector_size
         return (pos - bstart) // SS, -(-(pos + n - bstart) // SS)
 
-    def _merged(self: Any, bstart: int, s0: int, s1: int, pos: int,
-                chunk: memoryview | None) -> bytes:
+    def _merged(self: Any, bstart: int, s0: int, s1: int, pos: int, chunk: memoryview | None) -> bytes:
         """The whole sectors [s0, s1): the new bytes, edges completed from the chain's view."""
         SS = self.sector_size
         a, e = bstart + s0 * SS, bstart + s1 * SS
@@ -126,7 +123,7 @@ class VhdxWriter:
         if pos + n < e:
             buf[-SS:] = self.read(e - SS, SS)
         if chunk is not None:
-            buf[pos - a:pos - a + n] = chunk
+            buf[pos - a : pos - a + n] = chunk
         return bytes(buf)
 
     # -- the Image write hooks ---------------------------------------------------------------------
@@ -160,7 +157,7 @@ class VhdxWriter:
             pos = offset + done
             b = pos // B
             n = min((b + 1) * B - pos, len(data) - done)
-            chunk = data[done:done + n]
+            chunk = data[done : done + n]
             if self._in_place(b, pos, n):
                 entry = self.entry(b)
                 self.file.pwrite(chunk, S.bat_offset(entry) + pos - b * B)
@@ -189,8 +186,7 @@ class VhdxWriter:
             self._mark_bits(b, s0, s1)
             return
         if state not in _ZEROABLE and state != S.PAYLOAD_NOT_PRESENT:
-            raise FormatError(f"BAT: block {b} has state {state}; refusing to write it",
-                              self.path)
+            raise FormatError(f"BAT: block {b} has state {state}; refusing to write it", self.path)
         if self.differencing and state == S.PAYLOAD_NOT_PRESENT and not whole:
             # sector-exact: only the written sectors leave the parent
             self._ensure_bitmap(b)
@@ -221,14 +217,15 @@ class VhdxWriter:
                 state = self.bat[index] & 7
                 whole = pos == bstart and pos + n == min(bstart + B, self.size)
                 if whole and self.type != "fixed":
-                    if state in (S.PAYLOAD_FULLY_PRESENT, S.PAYLOAD_PARTIALLY_PRESENT) and \
-                            self._allocated is not None:
+                    if (
+                        state in (S.PAYLOAD_FULLY_PRESENT, S.PAYLOAD_PARTIALLY_PRESENT)
+                        and self._allocated is not None
+                    ):
                         self._allocated -= 1
                     if state != S.PAYLOAD_ZERO:
                         self._set_entry(index, S.PAYLOAD_ZERO, 0)
-                elif state in _ZEROABLE or (state == S.PAYLOAD_NOT_PRESENT
-                                            and not self.differencing):
-                    pass                          # reads zeros already
+                elif state in _ZEROABLE or (state == S.PAYLOAD_NOT_PRESENT and not self.differencing):
+                    pass  # reads zeros already
                 else:
                     self._write_block(b, pos, memoryview(bytes(n)))
                 pos += n
@@ -239,8 +236,10 @@ class VhdxWriter:
         return bool(self.bat.dirty or self.bitmaps.dirty)
 
     def commit_due(self: Any) -> bool:
-        return (len(self.bat.dirty) + len(self.bitmaps.dirty) >= COMMIT_PAGES
-                or self._pending_bytes >= COMMIT_BYTES)
+        return (
+            len(self.bat.dirty) + len(self.bitmaps.dirty) >= COMMIT_PAGES
+            or self._pending_bytes >= COMMIT_BYTES
+        )
 
     def _pending_snapshot(self: Any) -> object | None:
         if not self.has_pending_metadata():
@@ -250,8 +249,7 @@ class VhdxWriter:
         self._pending_bytes = 0
         return pages
 
-    def _write_snapshot(self: Any, snapshot: object,
-                        sync_failed: BaseException | None = None) -> None:
+    def _write_snapshot(self: Any, snapshot: object, sync_failed: BaseException | None = None) -> None:
         """Log every snapshot page, then write them in place; pages changed since stay dirty."""
         pages: dict[int, bytes] = snapshot  # type: ignore[assignment]
         bat_pages = {self.bat.page_offset(p): p for p in self.bat.dirty}
@@ -261,7 +259,7 @@ class VhdxWriter:
             for batch in self._commit_batches(pages):
                 self.journal.log_pages(batch, self.file_size)
         except BaseException:
-            for off in pages:                 # back to what the file holds
+            for off in pages:  # back to what the file holds
                 if off in bat_pages:
                     self.bat.drop(bat_pages[off])
                 else:
@@ -293,12 +291,12 @@ class VhdxWriter:
         def rank(off: int) -> int:
             if not bat_lo <= off < bat_hi:
                 return 0
-            first = (off - bat_lo) // 8                       # first entry on the page
-            bm = -(-(first + 1) // (ratio + 1)) * (ratio + 1) - 1   # first bitmap index >= it
+            first = (off - bat_lo) // 8  # first entry on the page
+            bm = -(-(first + 1) // (ratio + 1)) * (ratio + 1) - 1  # first bitmap index >= it
             return 1 if bm < first + PAGE // 8 else 2
 
         order = sorted(pages, key=lambda o: (rank(o), o))
-        return [{o: pages[o] for o in order[i:i + limit]} for i in range(0, len(order), limit)]
+        return [{o: pages[o] for o in order[i : i + limit]} for i in range(0, len(order), limit)]
 
     def close(self: Any) -> None:
         if self.closed:
