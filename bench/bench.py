@@ -503,7 +503,7 @@ class Bench:
             f"machine: {meta['cpus']} x {meta['cpu']}, kernel {meta['kernel']}, Python {meta['python']}",
             f"placement: {meta['placement']}",
             f"background load (/proc/loadavg): before {meta['loadavg_before']}, after {meta['loadavg_after']}",
-            f"images {meta['image_size_mib']} MiB (sparse: 2040 GiB; writes {self.write_mib} MiB), {self.reps} runs per cell, "
+            f"images {meta['image_size_mib']} MiB (sparse: 2040 GiB VHD, 64 TiB VHDX; user disk 512 MiB; writes {self.write_mib} MiB), {self.reps} runs per cell, "
             f"fio {self.fio_runtime} s per run, elapsed {meta['elapsed_s']} s",
             f"peers: {meta['qemu']}; vhdimount {meta['vhdimount']}; {meta['fio']}",
             "",
