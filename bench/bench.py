@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fnmatch
 import os
 import platform
 import subprocess
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_report as R  # noqa: E402
 import bench_workloads as W  # noqa: E402
-from bench_images import MiB, SPARSE_PROBE, SPARSE_WRITES, ImageSet, sample_digest  # noqa: E402
+from bench_images import MiB, SPARSE_PROBE, SPARSE_VHDX, SPARSE_WRITES, ImageSet, sample_digest  # noqa: E402
 from bench_systems import CPU, NotApplicable, SystemFailed, all_systems, rss_mib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,6 +90,9 @@ class Bench:
             log(f"  {sys_key} {row}: {e}")
 
     def wanted(self, rows: list[str]) -> bool:
+        if self.args.only and not any(fnmatch.fnmatchcase(r, p) for r in rows
+                                      for p in self.args.only.split(",")):
+            return False
         return not self.args.rows or any(r.startswith(p) for r in rows
                                          for p in self.args.rows.split(","))
 
@@ -198,7 +202,7 @@ class Bench:
 
     def _cleanup_scratch_images(self) -> None:
         for f in os.listdir(self.scratch):
-            if f.endswith((".vhd", ".rawfile")):
+            if f.endswith((".vhd", ".vhdx", ".rawfile")):
                 os.unlink(os.path.join(self.scratch, f))
 
     def phase_write(self, iset: ImageSet) -> None:
@@ -284,6 +288,149 @@ class Bench:
                 if s.key == "bare":
                     self.mark(["sparse_mount", "sparse_rss"], s.key, "n/a: no daemon")
 
+    # -- VHDX beside VHD (issue 10) --------------------------------------------------------------
+
+    X_SYSTEMS = ["vhdfs", "qsd"]   # default options against the one peer that reads VHDX
+
+    def phase_read_vhdx(self, images, notes) -> None:
+        for pre, key in (("x", "dynx"), ("xq", "qdynx"), ("xd", "dx1")):
+            rows = [f"{pre}_seq_warm", f"{pre}_seq_cold", f"{pre}_rr_qd1_warm", f"{pre}_rr_qd16_cold"]
+            if not self.wanted(rows):
+                continue
+            img = images.get(key)
+            if img is None:
+                for s in self.systems:
+                    self.mark(rows, s.key, f"n/a: {key}: {notes.get('vhdx', 'image not built')}")
+                continue
+            mib = self.size // MiB
+            for s in self.each_system(rows, self.X_SYSTEMS):
+                log(f"read/{key}: {s.key}")
+                with self.guarded(rows, s.key):
+                    s.check(img, False)
+                    with s.mount(img, False, self.scratch) as m:
+                        self.verify(s.key, img, m.path, rows)
+                        W.warm(m.path, mib)
+                        for _ in range(self.reps):
+                            self.measure(rows[0], s.key, W.dd_read, m.path, mib)
+                            self.measure(rows[2], s.key, W.fio_randread, m.path, img.size, 1,
+                                         self.fio_runtime)
+                        for _ in range(self.reps):
+                            W.drop_caches()
+                            self.measure(rows[1], s.key, W.dd_read, m.path, mib)
+                            W.drop_caches()
+                            self.measure(rows[3], s.key, W.fio_randread, m.path, img.size, 16,
+                                         self.fio_runtime)
+
+    def phase_write_vhdx(self, iset: ImageSet) -> None:
+        if "dynx" not in iset.images:
+            return
+        src = os.path.join(iset.dir, "base.raw")
+        for child, row in ((False, "x_sw_new"), (True, "x_sw_child")):
+            if not self.wanted([row]):
+                continue
+            W.warm(src, self.size // MiB)
+            for s in self.each_system([row], self.X_SYSTEMS):
+                log(f"write/vhdx {'child' if child else 'new'}: {s.key}")
+                with self.guarded([row], s.key, cleanup=True):
+                    for _ in range(self.reps):
+                        img = iset.fresh_vhdx(self.scratch, s.key, child)
+                        s.check(img, True)
+                        with s.mount(img, True, self.scratch) as m:
+                            self.measure(row, s.key, W.dd_write, src, m.path, self.write_mib)
+        row = "x_rw_fsync64"
+        if self.wanted([row]):
+            for s in self.each_system([row], self.X_SYSTEMS):
+                log(f"write/vhdx random: {s.key}")
+                with self.guarded([row], s.key, cleanup=True):
+                    img = iset.working_copy(self.scratch, s.key, "vhdx")
+                    s.check(img, True)
+                    with s.mount(img, True, self.scratch) as m:
+                        for _ in range(self.reps):
+                            self.measure(row, s.key, W.fio_randwrite, m.path, img.size,
+                                         self.fio_runtime)
+
+    def phase_sparse_vhdx(self, images) -> None:
+        want = bytes([SPARSE_WRITES[1][1]]) * 4096
+        for key in SPARSE_VHDX:
+            rows = [f"{key}_ttfb", f"{key}_rss"]
+            if not self.wanted(rows):
+                continue
+            img = images.get(key)
+            if img is None:
+                self.mark(rows, "vhdfs", "n/a: image not built")
+                continue
+            for s in self.each_system(rows, self.X_SYSTEMS):
+                log(f"sparse/{key}: {s.key}")
+                with self.guarded(rows, s.key):
+                    s.check(img, False)
+                    for _ in range(self.reps):
+                        fd = os.open(img.path, os.O_RDONLY)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        os.close(fd)
+                        with s.mount(img, False, self.scratch) as m:
+                            data = W.first_byte(m.path, SPARSE_PROBE, m.started + 30)
+                            t = time.perf_counter() - m.started
+                            if data != want:
+                                raise W.WorkloadFailed("wrong data at 1 TiB")
+                            self.cell(rows[0], s.key).values.append(t)
+                            rss = rss_mib(m.pid)
+                            if rss is not None:
+                                self.cell(rows[1], s.key).values.append(rss)
+
+    # -- the user's own tools (issue 14) -------------------------------------------------------
+
+    def phase_user(self, iset: ImageSet) -> None:
+        rows = [r.key for r in R.ROWS if r.key.startswith("u_")]
+        if not self.wanted(rows):
+            return
+        try:
+            img = iset.user_disk()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            log(f"user disk not built: {e}")
+            for s in self.systems:
+                self.mark(rows, s.key, f"n/a: user disk not built: {e}")
+            return
+        p1_off, p1_len, ntfs_sector = 2048 * 512, 557056 * 512, 559104
+        out = os.path.join("/dev/shm", "bench-tsk")
+
+        def cold_warm(tool: str, run_one, modes=("cold", "warm")) -> None:
+            for mode in modes:
+                row = f"u_{tool}_{mode}"
+                if not self.wanted([row]):
+                    continue
+                if mode == "warm":
+                    with contextlib.suppress(W.WorkloadFailed, OSError, subprocess.SubprocessError):
+                        run_one()
+                for _ in range(self.reps):
+                    if mode == "cold":
+                        W.drop_caches()
+                    self.measure(row, s.key, run_one)
+
+        # --quick: vhdfs against qsd only (the target); the full run adds the bare file
+        for s in self.each_system(rows, ["vhdfs", "qsd"] if self.quick else ["bare", "vhdfs", "qsd"]):
+            log(f"user: {s.key}")
+            with self.guarded(rows, s.key):
+                s.check(img, False)
+                with s.mount(img, False, self.scratch) as m:
+                    self.verify(s.key, img, m.path, rows)
+                    for tool in ("sha256", "cp", "dd4k", "dd1m"):
+                        cold_warm(tool, lambda t=tool: W.timed(W.whole_disk_cmd(t, m.path)))
+                    if self.wanted([r for r in rows if r[2:].startswith(("tar", "find", "grep"))]):
+                        with W.mounted_partition(m.path, p1_off, p1_len, self.scratch, "ext4") as mnt:
+                            for tool, cmd in W.FS_TOOLS.items():
+                                cold_warm(tool, lambda c=cmd.format(mnt=mnt): W.timed(c))
+                    for tool in ("fls", "icat", "tsk_recover"):
+                        cold_warm(tool, lambda t=tool: W.timed(
+                            W.tsk_cmd(t, m.path, ntfs_sector, out)), ("cold",))
+
+                    def ntfs3g() -> float:
+                        t0 = time.perf_counter()
+                        with W.mounted_partition(m.path, ntfs_sector * 512, None, self.scratch,
+                                                 "ntfs") as mnt:
+                            W.timed(W.FS_TOOLS["tar"].format(mnt=mnt))
+                        return time.perf_counter() - t0
+                    cold_warm("ntfs3g", ntfs3g, ("cold",))
+
     # -- header and main ---------------------------------------------------------------------
 
     def meta(self, load_before: str) -> dict:
@@ -343,6 +490,10 @@ class Bench:
             self.phase_sparse(images)
             self.phase_write(iset)
             self.phase_fs(iset)
+            self.phase_read_vhdx(images, iset.notes)
+            self.phase_sparse_vhdx(images)
+            self.phase_write_vhdx(iset)
+            self.phase_user(iset)
         finally:
             self._cleanup_scratch_images()
         meta = self.meta(load_before)
@@ -352,7 +503,7 @@ class Bench:
             f"machine: {meta['cpus']} x {meta['cpu']}, kernel {meta['kernel']}, Python {meta['python']}",
             f"placement: {meta['placement']}",
             f"background load (/proc/loadavg): before {meta['loadavg_before']}, after {meta['loadavg_after']}",
-            f"images {meta['image_size_mib']} MiB (sparse: 2040 GiB; writes {self.write_mib} MiB), {self.reps} runs per cell, "
+            f"images {meta['image_size_mib']} MiB (sparse: 2040 GiB VHD, 64 TiB VHDX; user disk 512 MiB; writes {self.write_mib} MiB), {self.reps} runs per cell, "
             f"fio {self.fio_runtime} s per run, elapsed {meta['elapsed_s']} s",
             f"peers: {meta['qemu']}; vhdimount {meta['vhdimount']}; {meta['fio']}",
             "",
@@ -379,6 +530,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3, help="runs per cell (default 3)")
     p.add_argument("--systems", help="only these system keys (comma-separated; for debugging)")
     p.add_argument("--rows", help="only rows starting with these prefixes (for debugging)")
+    p.add_argument("--only", metavar="PATTERN",
+                   help="only rows whose key matches one of these comma-separated globs, e.g. "
+                        "'x_*,sparsex*' (VHDX) or 'u_*' (user tools); see bench_report.ROWS")
     p.add_argument("--from-json", metavar="FILE", help="re-render the table of an earlier --json run")
     args = p.parse_args()
     if args.from_json:

@@ -31,6 +31,12 @@ MiB = 1 << 20
 SPARSE_SIZE = 2040 << 30          # the largest VHD: "2 TiB" in the issue
 SPARSE_WRITES = [(0, 0x5A, 2 * MiB), (1 << 40, 0xA5, 2 * MiB), (SPARSE_SIZE - MiB, 0x33, MiB)]
 SPARSE_PROBE = 1 << 40             # an allocated offset for time-to-first-byte
+SPARSE_VHDX_SIZE = 64 << 40        # the largest VHDX: "64 TiB" in issue 10
+# 64 TiB sparse VHDX: key -> block size (its BAT is 16 MiB at 32 MiB blocks, 512 MiB at 1 MiB)
+SPARSE_VHDX = {"sparsex": 32 * MiB, "sparsex1m": 1 * MiB}
+USER_DISK_SIZE = 512 * MiB         # the partitioned disk of the user workloads (issue 14)
+USER_EXT4_SRC = "/usr/share/doc"   # a few thousand real files, copied in by mke2fs -d
+USER_NTFS_SRC = "/usr/lib/python3"
 PIECE = 64 << 10                   # granularity of the scattered rewrites in the chain
 CHAIN_DEPTH = 8
 
@@ -39,7 +45,7 @@ CHAIN_DEPTH = 8
 class Image:
     key: str
     path: str
-    fmt: str                  # vhd | vdi | raw
+    fmt: str                  # vhd | vdi | vhdx | raw
     size: int
     raw: str | None = None    # a raw file with the same content (bare file / passthrough)
     parent: str | None = None
@@ -102,14 +108,17 @@ def vhdfs_cli_ready() -> str | None:
     return None
 
 
-def _write_level(child: str, level: int, size: int, ref_raws: list[str]) -> None:
-    """Rewrite a scattered 10 % of ``child`` through a writable vhdfs mount (and of ref_raws)."""
+def _write_level(child: str, level: int, size: int, ref_raws: list[str],
+                 writes: list[tuple[int, bytes]] | None = None) -> None:
+    """Rewrite a scattered 10 % of ``child`` through a writable vhdfs mount (and of ref_raws);
+    or ``writes`` when given."""
     mnt = tempfile.mkdtemp(prefix="build.", dir=os.path.dirname(child))
     try:
         run([VHDFS, "mount", "-w", child, mnt], timeout=120)
         try:
             raw = os.path.join(mnt, os.path.splitext(os.path.basename(child))[0] + ".raw")
-            writes = _level_writes(level, size)
+            if writes is None:
+                writes = _level_writes(level, size)
             fds = [os.open(raw, os.O_WRONLY)] + [os.open(r, os.O_WRONLY) for r in ref_raws]
             try:
                 for off, data in writes:
@@ -154,6 +163,7 @@ class ImageSet:
         self.images["vdi"] = Image("vdi", self.p("disk.vdi"), "vdi", size, raw=base)
         self._build_sparse()
         self._build_chain()
+        self._build_vhdx()
         self.log(f"images: ready in {self.dir} ({time.monotonic() - t0:.1f} s)")
         return self.images
 
@@ -210,6 +220,95 @@ class ImageSet:
         self.images["diff8"] = Image("diff8", names[-1], "vhd", self.size, raw=self.p("d8.raw"),
                                      parent=names[-2], depth=CHAIN_DEPTH)
 
+    def _build_vhdx(self) -> None:
+        """VHDX beside the VHD rows (issue 10): ``dyn.vhdx`` (``vhdfs convert``, Hyper-V's
+        defaults: 32 MiB blocks), ``qdyn.vhdx`` (``qemu-img convert``: QEMU's own layout, 512-byte
+        sectors), ``dx1.vhdx`` (a differencing child over dyn.vhdx with level 1's writes, raw twin
+        ``dx1.raw``), and two 64 TiB sparse dynamic VHDX (32 MiB and 1 MiB blocks)."""
+        why = vhdfs_cli_ready()
+        if why:
+            self.notes["vhdx"] = f"not built: {why}"
+            return
+        base, size = self.p("base.raw"), self.size
+        try:
+            _atomic(self.p("dyn.vhdx"), lambda t: run(
+                [VHDFS, "convert", "-q", "--from", "raw", "--to", "vhdx", base, t]))
+            _atomic(self.p("qdyn.vhdx"), lambda t: run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic",
+                 base, t]))
+            self.images["dynx"] = Image("dynx", self.p("dyn.vhdx"), "vhdx", size, raw=base)
+            self.images["qdynx"] = Image("qdynx", self.p("qdyn.vhdx"), "vhdx", size, raw=base)
+            if not os.path.exists(self.p("dx1.ok")):
+                for p in (self.p("dx1.vhdx"), self.p("dx1.raw")):
+                    if os.path.exists(p):
+                        os.unlink(p)
+                shutil.copyfile(base, self.p("dx1.raw"))
+                run([VHDFS, "create", "--format", "vhdx", "--type", "differencing", "--parent",
+                     self.p("dyn.vhdx"), self.p("dx1.vhdx")])
+                _write_level(self.p("dx1.vhdx"), 1, size, [self.p("dx1.raw")])
+                open(self.p("dx1.ok"), "w").close()
+            self.images["dx1"] = Image("dx1", self.p("dx1.vhdx"), "vhdx", size,
+                                       raw=self.p("dx1.raw"), parent=self.p("dyn.vhdx"), depth=1)
+            for key, bs in SPARSE_VHDX.items():
+                def build(t: str, bs: int = bs) -> None:
+                    run([VHDFS, "create", "--format", "vhdx", "--type", "dynamic", "--size",
+                         str(SPARSE_VHDX_SIZE), "--block-size", str(bs), t])
+                    # _write_level serves the file under the final name's stem: write via a link
+                    tmp = t + ".vhdx"
+                    os.rename(t, tmp)
+                    try:
+                        _write_level(tmp, 0, SPARSE_VHDX_SIZE, [], writes=[
+                            (off, bytes([pat]) * n) for off, pat, n in SPARSE_WRITES[:2]])
+                    finally:
+                        os.rename(tmp, t)
+                _atomic(self.p(f"{key}.vhdx"), build)
+                # no raw twin: ext4 files stop at 16 TiB
+                self.images[key] = Image(key, self.p(f"{key}.vhdx"), "vhdx", SPARSE_VHDX_SIZE)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            self.notes["vhdx"] = f"not built: {e}"
+            self.log(f"images: VHDX images failed: {e}")
+
+    def user_disk(self, log=None) -> Image:
+        """A 512 MiB GPT disk made by other tools (issue 14): partition 1 ext4 filled by
+        ``mke2fs -d`` from /usr/share/doc, partition 2 NTFS (``mkntfs``, filled through ``ntfs-3g``
+        from /usr/lib/python3); ``user.raw`` and its ``qemu-img convert`` ``user.vhd``."""
+        d = os.path.join(os.path.dirname(self.dir), "user")
+        os.makedirs(d, exist_ok=True)
+        raw, vhd = os.path.join(d, "user.raw"), os.path.join(d, "user.vhd")
+
+        def build_raw(t: str) -> None:
+            with open(t, "wb") as f:
+                f.truncate(USER_DISK_SIZE)
+            subprocess.run(["sfdisk", "-q", "-X", "gpt", t], check=True, capture_output=True,
+                           input=b"start=2048, size=557056, type=L\nstart=559104, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n")
+            p1 = t + ".p1"
+            run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", USER_EXT4_SRC, p1, "272M"])
+            run(["dd", f"if={p1}", f"of={t}", "bs=1M", "seek=1", "conv=notrunc,sparse"])
+            os.unlink(p1)
+            p2 = t + ".p2"
+            n2 = USER_DISK_SIZE - 559104 * 512 - 34 * 512
+            with open(p2, "wb") as f:
+                f.truncate(n2 // 4096 * 4096)
+            run(["mkntfs", "-q", "-F", "-Q", "-p", "559104", "-H", "255", "-S", "63", p2])
+            mnt = tempfile.mkdtemp(prefix="ntfs.", dir=d)
+            try:
+                run(["ntfs-3g", p2, mnt])
+                try:
+                    run(["cp", "-r", USER_NTFS_SRC, mnt + "/"])
+                finally:
+                    run(["umount", mnt])
+            finally:
+                os.rmdir(mnt)
+            run(["dd", f"if={p2}", f"of={t}", "bs=512", "seek=559104", "conv=notrunc,sparse"])
+            os.unlink(p2)
+
+        _atomic(raw, build_raw)
+        _atomic(vhd, lambda t: run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o",
+                                    "subformat=dynamic,force_size=on", raw, t]))
+        img = Image("user", vhd, "vhd", USER_DISK_SIZE, raw=raw)
+        img.note = "p1 ext4 at 1 MiB, p2 NTFS at sector 559104"
+        return img
+
     # -- fresh images for the write rows ---------------------------------------------------
 
     def fresh_dynamic(self, scratch: str, tag: str) -> Image:
@@ -238,13 +337,32 @@ class ImageSet:
             f.truncate(self.size)
         return Image("child", path, "vhd", self.size, raw=raw, parent=self.p("dyn.vhd"), depth=1)
 
-    def working_copy(self, scratch: str, tag: str) -> Image:
-        """A writable copy of the fully allocated dynamic VHD and of its raw twin."""
-        path = os.path.join(scratch, f"work-{tag}.vhd")
+    def working_copy(self, scratch: str, tag: str, fmt: str = "vhd") -> Image:
+        """A writable copy of the fully allocated dynamic VHD (or VHDX) and of its raw twin."""
+        path = os.path.join(scratch, f"work-{tag}.{fmt}")
         raw = os.path.join(scratch, f"work-{tag}.rawfile")
-        shutil.copyfile(self.p("dyn.vhd"), path)
+        shutil.copyfile(self.p(f"dyn.{fmt}"), path)
         shutil.copyfile(self.p("base.raw"), raw)
-        return Image("work", path, "vhd", self.size, raw=raw)
+        return Image("work", path, fmt, self.size, raw=raw)
+
+    def fresh_vhdx(self, scratch: str, tag: str, child: bool) -> Image:
+        """A new empty dynamic VHDX (vhdfs create), or a new differencing child of dyn.vhdx."""
+        name = "childx" if child else "newx"
+        path = os.path.join(scratch, f"{name}-{tag}.vhdx")
+        raw = os.path.join(scratch, f"{name}-{tag}.rawfile")
+        for p in (path, raw):
+            if os.path.exists(p):
+                os.unlink(p)
+        if child:
+            run([VHDFS, "create", "--format", "vhdx", "--type", "differencing", "--parent",
+                 self.p("dyn.vhdx"), path])
+        else:
+            run([VHDFS, "create", "--format", "vhdx", "--type", "dynamic", "--size",
+                 str(self.size), path])
+        with open(raw, "wb") as f:
+            f.truncate(self.size)
+        return Image(name, path, "vhdx", self.size, raw=raw,
+                     parent=self.p("dyn.vhdx") if child else None, depth=int(child))
 
 
 def sample_digest(path: str, size: int, n: int = 24) -> str:

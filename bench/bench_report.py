@@ -58,6 +58,39 @@ ROWS = [
     Row("sparse_mount", "2040 GiB sparse VHD: launch -> file visible", "s", False),
     Row("sparse_ttfb", "2040 GiB sparse VHD: launch -> first 4K read", "s", False),
     Row("sparse_rss", "2040 GiB sparse VHD: daemon RSS", "MiB", False),
+    # VHDX beside the dynamic VHD rows (issue 10): vhdfs's dyn.vhdx (32 MiB blocks), qemu-img's
+    # qdyn.vhdx, a differencing child dx1.vhdx
+    Row("x_seq_warm", "VHDX dyn (vhdfs): seq read 1M, warm", "MB/s"),
+    Row("x_seq_cold", "VHDX dyn (vhdfs): seq read 1M, cold", "MB/s"),
+    Row("x_rr_qd1_warm", "VHDX dyn (vhdfs): rand read 4K QD1, warm", "IOPS"),
+    Row("x_rr_qd16_cold", "VHDX dyn (vhdfs): rand read 4K QD16, cold", "IOPS"),
+    Row("xq_seq_warm", "VHDX dyn (qemu-img): seq read 1M, warm", "MB/s"),
+    Row("xq_seq_cold", "VHDX dyn (qemu-img): seq read 1M, cold", "MB/s"),
+    Row("xq_rr_qd1_warm", "VHDX dyn (qemu-img): rand read 4K QD1, warm", "IOPS"),
+    Row("xq_rr_qd16_cold", "VHDX dyn (qemu-img): rand read 4K QD16, cold", "IOPS"),
+    Row("xd_seq_warm", "VHDX diff depth 1: seq read 1M, warm", "MB/s"),
+    Row("xd_seq_cold", "VHDX diff depth 1: seq read 1M, cold", "MB/s"),
+    Row("xd_rr_qd1_warm", "VHDX diff depth 1: rand read 4K QD1, warm", "IOPS"),
+    Row("xd_rr_qd16_cold", "VHDX diff depth 1: rand read 4K QD16, cold", "IOPS"),
+    Row("x_sw_new", "seq write 1M into new dyn VHDX +fsync", "MB/s"),
+    Row("x_sw_child", "seq write 1M into new diff VHDX +fsync", "MB/s"),
+    Row("x_rw_fsync64", "rand write 4K, fdatasync/64, dyn VHDX", "IOPS"),
+    Row("sparsex_ttfb", "64 TiB sparse VHDX 32M blocks: launch -> 4K read", "s", False),
+    Row("sparsex_rss", "64 TiB sparse VHDX 32M blocks: daemon RSS", "MiB", False),
+    Row("sparsex1m_ttfb", "64 TiB sparse VHDX 1M blocks: launch -> 4K read", "s", False),
+    Row("sparsex1m_rss", "64 TiB sparse VHDX 1M blocks: daemon RSS", "MiB", False),
+    # the user's own tools, default options (issue 14): a 512 MiB GPT disk made by qemu-img,
+    # sfdisk, mke2fs -d (/usr/share/doc) and mkntfs + ntfs-3g (/usr/lib/python3), as a dyn VHD
+    *[Row(f"u_{t}_{c}", f"user disk: {lbl}, {c}", "s", False)
+      for t, lbl in (("sha256", "sha256sum whole disk"), ("cp", "cp whole disk to tmpfs"),
+                     ("dd4k", "dd bs=4k whole disk"), ("dd1m", "dd bs=1M whole disk"))
+      for c in ("cold", "warm")],
+    *[Row(f"u_{t}_{c}", f"user disk: ext4 on loop, {t}, {c}", "s", False)
+      for t in ("tar", "find", "grep") for c in ("cold", "warm")],
+    Row("u_fls_cold", "user disk: TSK fls -r of NTFS, cold", "s", False),
+    Row("u_icat_cold", "user disk: TSK icat NTFS $MFT, cold", "s", False),
+    Row("u_tsk_recover_cold", "user disk: TSK tsk_recover -e NTFS, cold", "s", False),
+    Row("u_ntfs3g_cold", "user disk: ntfs-3g mount + tar NTFS, cold", "s", False),
 ]
 ROW = {r.key: r for r in ROWS}
 
@@ -213,6 +246,29 @@ def targets(results: dict[str, dict[str, Cell]]) -> list[dict]:
           _m(results, "sparse_ttfb", "vhdfs"), 0.3, "s", lower=True)
     check("2040 GiB sparse VHD daemon RSS < 60 MiB (vhdfs default)",
           _m(results, "sparse_rss", "vhdfs"), 60.0, "MiB", lower=True)
+    # issue 10: VHDX >= 0.9x the same workload on the dynamic VHD, vhdfs default options
+    for xrow, vrow, what in (
+            ("x_seq_warm", "seq_dd_warm", "seq read warm"), ("x_seq_cold", "seq_dd_cold", "seq read cold"),
+            ("x_rr_qd1_warm", "rr_qd1_warm", "rand read 4K QD1 warm"),
+            ("x_rr_qd16_cold", "rr_qd16_cold", "rand read 4K QD16 cold"),
+            ("xq_seq_warm", "seq_dd_warm", "qemu-img VHDX seq read warm"),
+            ("xd_seq_warm", "seq_dd_warm", "diff VHDX seq read warm"),
+            ("xd_rr_qd16_cold", "rr_qd16_cold", "diff VHDX rand read 4K QD16 cold"),
+            ("x_sw_new", "sw_new", "seq write new"), ("x_sw_child", "sw_new", "seq write diff child"),
+            ("x_rw_fsync64", "rw_fsync64", "rand write 4K fdatasync/64")):
+        x, v = _m(results, xrow, "vhdfs"), _m(results, vrow, "vhdfs")
+        check(f"VHDX {what} >= 0.9x dyn VHD (vhdfs default)", x / v if x and v else None,
+              0.9, "ratio")
+    for key, bs in (("sparsex", "32 MiB"), ("sparsex1m", "1 MiB")):
+        check(f"64 TiB sparse VHDX ({bs} blocks) readable < 0.3 s (vhdfs default, launch -> 4K read)",
+              _m(results, f"{key}_ttfb", "vhdfs"), 0.3, "s", lower=True)
+        check(f"64 TiB sparse VHDX ({bs} blocks) daemon RSS < 60 MiB (vhdfs default)",
+              _m(results, f"{key}_rss", "vhdfs"), 60.0, "MiB", lower=True)
+    # issue 14: the user's own tools, default options, >= 1.0x qemu-storage-daemon
+    for row in ROWS:
+        if row.key.startswith("u_"):
+            r, _ = ratio_of(row.key, "vhdfs", "qsd")
+            check(f"{row.label[len('user disk: '):]} >= 1.0x qsd (vhdfs default)", r, 1.0, "ratio")
     return out
 
 

@@ -288,7 +288,7 @@ class Vhdfs(System):
         return None
 
     def check(self, image: Image, rw: bool) -> None:
-        if image.fmt not in ("vhd", "vdi"):
+        if image.fmt not in ("vhd", "vdi", "vhdx"):
             raise NotApplicable(f"format {image.fmt}")
 
     @contextlib.contextmanager
@@ -310,10 +310,11 @@ class Qsd(System):
         return None if shutil.which("qemu-storage-daemon") else "qemu-storage-daemon not installed"
 
     def check(self, image: Image, rw: bool) -> None:
-        if image.fmt not in ("vhd", "vdi"):
+        if image.fmt not in ("vhd", "vdi", "vhdx"):
             raise NotApplicable(f"format {image.fmt}")
         if image.parent:
-            raise NotApplicable("QEMU's vpc driver has no differencing support (reads parent data as zeros)")
+            raise NotApplicable(f"QEMU's {'vhdx' if image.fmt == 'vhdx' else 'vpc'} driver has no "
+                                "differencing support")
 
     @contextlib.contextmanager
     def mount(self, image: Image, rw: bool, scratch: str) -> Iterator[Mounted]:
@@ -323,7 +324,7 @@ class Qsd(System):
         pidf = mnt + ".pid"
         logf = mnt + ".log"
         ro = "off" if rw else "on"
-        drv = "vpc" if image.fmt == "vhd" else "vdi"
+        drv = {"vhd": "vpc", "vdi": "vdi", "vhdx": "vhdx"}[image.fmt]
         cmd = ["qemu-storage-daemon",
                "--blockdev", f"driver=file,node-name=f0,filename={image.path},read-only={ro}",
                "--blockdev", f"driver={drv},node-name=d0,file=f0,read-only={ro}",

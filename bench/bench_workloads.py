@@ -111,10 +111,13 @@ def make_tree(root: str, files: int = 5000, seed: int = 7) -> str:
 
 
 @contextlib.contextmanager
-def loop_device(path: str):
+def loop_device(path: str, offset: int | None = None, sizelimit: int | None = None,
+                ro: bool = False):
     # losetup's default (buffered), the way DESIGN.md section 1 tells users to do it: with
     # --direct-io=on, qemu-storage-daemon 7.2's writable FUSE export corrupts the new ext4
-    dev = sh(["losetup", "-f", "--show", path], pin=False).stdout.strip()
+    extra = (["-o", str(offset)] if offset is not None else []) + \
+        (["--sizelimit", str(sizelimit)] if sizelimit is not None else []) + (["-r"] if ro else [])
+    dev = sh(["losetup", "-f", "--show", *extra, path], pin=False).stdout.strip()
     try:
         yield dev
     finally:
@@ -176,3 +179,61 @@ def first_byte(path: str, offset: int, deadline: float) -> bytes:
         return os.pread(fd, 4096, offset)
     finally:
         os.close(fd)
+
+
+# -- the user's own tools (issue 14): each returns the seconds one command took ---------------
+
+def timed(cmd: str, timeout: float = 600) -> float:
+    """Seconds of one shell command line (pinned like every client)."""
+    t0 = time.perf_counter()
+    sh(["sh", "-c", cmd], timeout=timeout)
+    return time.perf_counter() - t0
+
+
+def whole_disk_cmd(tool: str, path: str) -> str:
+    """The command line of a whole-disk read by an ordinary tool."""
+    return {
+        "sha256": f"sha256sum {path} >/dev/null",
+        # cp to a file on tmpfs (cp to /dev/null is not what a user does, and cp may skip it)
+        "cp": f"cp {path} /dev/shm/bench-cp.raw; rc=$?; rm -f /dev/shm/bench-cp.raw; exit $rc",
+        "dd4k": f"dd if={path} of=/dev/null bs=4k status=none",
+        "dd1m": f"dd if={path} of=/dev/null bs=1M status=none",
+    }[tool]
+
+
+FS_TOOLS = {
+    "tar": "tar -C {mnt} -cf - . | wc -c >/dev/null",
+    "find": "find {mnt} | wc -l >/dev/null",
+    # a string found nowhere: grep reads every byte of every file; exit 1 = no match
+    "grep": "grep -r -a -c -F ZQXJ_no_such_string_JXQZ {mnt} >/dev/null; test $? -le 1",
+}
+
+
+def tsk_cmd(tool: str, path: str, sector: int, out: str) -> str:
+    """The Sleuth Kit on the raw disk, the partition given by its start sector."""
+    return {
+        "fls": f"fls -r -o {sector} {path} | wc -l >/dev/null",
+        "icat": f"icat -o {sector} {path} 0 >/dev/null",          # the NTFS $MFT, whole
+        "tsk_recover": f"rm -rf {out}; tsk_recover -e -o {sector} {path} {out} >/dev/null; "
+                       f"rc=$?; rm -rf {out}; exit $rc",
+    }[tool]
+
+
+@contextlib.contextmanager
+def mounted_partition(disk: str, offset: int, size: int | None, scratch: str, fstype: str):
+    """A read-only loop device over one partition of ``disk``, mounted (ext4 by mount(8),
+    NTFS by ntfs-3g)."""
+    mnt = tempfile.mkdtemp(prefix=f"{fstype}.", dir=scratch)
+    try:
+        with loop_device(disk, offset, size, ro=True) as dev:
+            if fstype == "ntfs":
+                sh(["ntfs-3g", "-o", "ro", dev, mnt], pin=False)
+            else:
+                sh(["mount", "-o", "ro", dev, mnt], pin=False)
+            try:
+                yield mnt
+            finally:
+                _umount(mnt)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(mnt)

@@ -12,8 +12,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Peers and tools: fio, qemu-storage-daemon (qemu-system-common), qemu-img/qemu-io (qemu-utils),
-# vhdimount (libvhdi-utils), taskset (util-linux), mkfs.ext4 (e2fsprogs), fusermount3 (fuse3).
-BENCH_PACKAGES=(fio qemu-system-common qemu-utils libvhdi-utils util-linux e2fsprogs fuse3 tar)
+# vhdimount (libvhdi-utils), taskset (util-linux), mkfs.ext4 (e2fsprogs), fusermount3 (fuse3);
+# the user-tool rows (issue 14): sfdisk (fdisk), fls/icat/tsk_recover (sleuthkit), mkntfs + ntfs-3g.
+BENCH_PACKAGES=(fio qemu-system-common qemu-utils libvhdi-utils util-linux e2fsprogs fuse3 tar
+                fdisk sleuthkit ntfs-3g coreutils)
 missing=()
 for pkg in "${BENCH_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
