@@ -16,8 +16,8 @@ memory, the file left byte-identical) and must show the shadow's durable state; 
 (512-byte sectors, which qemu opens) ``qemu-img check -r all`` repairs a copy, and
 ``qemu-img convert -O raw`` of that copy must equal vhdfs's own reading byte for byte.
 
-Default: 25 rounds per kind (VHD and VHDX, dynamic and differencing), VHD in about a minute and a half, VHDX in
-about 80 s;
+Default: 25 rounds per kind (VHD and VHDX, dynamic and differencing): VHD in about a minute
+and a half, VHDX in about 80 s;
 ``VHDFS_KILL9_ROUNDS=N`` scales it. A concurrency test checks that many writers hitting the same
 unallocated blocks at once allocate each block once.
 """
