@@ -10,7 +10,14 @@ moment. After a lazy unmount:
   written since reads as either its old value or the value of one of the writes since;
 - a differencing image's parent is byte-identical.
 
-Default: 50 rounds (25 dynamic, 25 differencing) in about a minute and a half;
+The same rounds run over dynamic and differencing VHDX (``vhdx-dynamic``, ``vhdx-differencing``),
+whose metadata goes through the log: after each kill vhdfs reopens the file (replaying the log in
+memory, the file left byte-identical) and must show the shadow's durable state; for dynamic VHDX
+(512-byte sectors, which qemu opens) ``qemu-img check -r all`` repairs a copy, and
+``qemu-img convert -O raw`` of that copy must equal vhdfs's own reading byte for byte.
+
+Default: 25 rounds per kind (VHD and VHDX, dynamic and differencing): VHD in about a minute
+and a half, VHDX in about 80 s;
 ``VHDFS_KILL9_ROUNDS=N`` scales it. A concurrency test checks that many writers hitting the same
 unallocated blocks at once allocate each block once.
 """
@@ -41,6 +48,7 @@ ROUNDS = int(os.environ.get("VHDFS_KILL9_ROUNDS", "50"))
 SIZE = 8 * 1024 * 1024
 FRESH_EVERY = 5          # a new image every N rounds, so allocation keeps being exercised
 QEMU = shutil.which("qemu-img")
+KINDS = ["dynamic", "differencing", "vhdx-dynamic", "vhdx-differencing"]
 
 
 def _ones(n: int) -> int:
@@ -135,12 +143,12 @@ def _read_image(path: Path) -> bytes:
         return img.read(0, img.size)
 
 
-def _qemu_raw(path: Path) -> bytes | None:
+def _qemu_raw(path: Path, fmt: str = "vpc") -> bytes | None:
     if QEMU is None:
         return None
     out = path.with_suffix(".qemu.raw")
     try:
-        subprocess.run([QEMU, "convert", "-f", "vpc", "-O", "raw", str(path), str(out)],
+        subprocess.run([QEMU, "convert", "-f", fmt, "-O", "raw", str(path), str(out)],
                        check=True, capture_output=True, timeout=60)
         return out.read_bytes()
     finally:
@@ -160,6 +168,27 @@ class Kill9Stats:
     synced_writes: int = 0
     pending_at_kill: int = 0
     qemu_disagreements: int = 0    # rounds where qemu and vhdfs differ on unsynced bytes
+    dirty_logs: int = 0            # VHDX rounds whose kill left a log to replay
+    qemu_repairs: int = 0          # VHDX rounds compared with qemu-img check -r all
+
+
+def _vhdx_log_dirty(path: Path) -> bool:
+    """The current header (the valid one with the higher sequence number) has a LogGuid."""
+    import struct
+
+    import google_crc32c
+
+    best = (-1, False)
+    with open(path, "rb") as f:
+        for off in (64 * 1024, 128 * 1024):
+            f.seek(off)
+            h = bytearray(f.read(4096))
+            stored = struct.unpack_from("<I", h, 4)[0]
+            h[4:8] = bytes(4)
+            if h[:4] == b"head" and google_crc32c.value(bytes(h)) == stored:
+                seq = struct.unpack_from("<Q", h, 8)[0]
+                best = max(best, (seq, any(h[48:64])))
+    return best[1]
 
 
 class Kill9Harness:
@@ -178,11 +207,28 @@ class Kill9Harness:
 
     def fresh(self) -> None:
         from vhdfs.formats.vhd.create import create_vhd
+        from vhdfs.formats.vhdx.create import create_vhdx
 
         self.generation += 1
         d = self.work / f"{self.kind}-{self.generation}"
         d.mkdir(parents=True)
-        if self.kind == "dynamic":
+        if self.kind == "vhdx-dynamic":
+            self.image = d / "disk.vhdx"
+            create_vhdx(self.image, SIZE, "dynamic", block_size=self.block)
+            base = bytes(SIZE)
+        elif self.kind == "vhdx-differencing":
+            from vhdfs.block import open_image
+            raw = content.pattern(SIZE, seed=self.generation, holes=((2 * 1024 * 1024, 2 * 1024 * 1024),))
+            self.parent = d / "base.vhdx"
+            create_vhdx(self.parent, SIZE, "dynamic", block_size=self.block)
+            with open_image(self.parent, writable=True) as w:
+                w.write(0, raw)
+            self.parent.chmod(0o444)
+            self.parent_sha = corpus.sha256_file(self.parent)
+            self.image = d / "disk.vhdx"
+            create_vhdx(self.image, None, "differencing", parent=self.parent, block_size=self.block)
+            base = raw
+        elif self.kind == "dynamic":
             self.image = d / "disk.vhd"
             create_vhd(self.image, SIZE, "dynamic", block_size=512 * 1024)
             base = bytes(SIZE)
@@ -199,6 +245,8 @@ class Kill9Harness:
 
     @property
     def block(self) -> int:
+        if self.kind.startswith("vhdx"):
+            return 1024 * 1024
         return 512 * 1024 if self.kind == "dynamic" else 2 * 1024 * 1024
 
     def round(self) -> None:
@@ -231,9 +279,26 @@ class Kill9Harness:
     def verify(self) -> None:
         assert self.image is not None and self.shadow is not None
         who = f"{self.kind} round {self.stats.rounds}"
+        sha = corpus.sha256_file(self.image)
+        if self.kind.startswith("vhdx") and _vhdx_log_dirty(self.image):
+            self.stats.dirty_logs += 1
         _vhdfs_check(self.image)
-        actual = _read_image(self.image)
+        actual = _read_image(self.image)       # VHDX: the log replayed in memory
         self.shadow.verify(actual, f"{who} (vhdfs)")
+        if self.kind.startswith("vhdx"):
+            assert corpus.sha256_file(self.image) == sha, f"{who}: a read-only open changed the file"
+        if self.kind == "vhdx-dynamic" and QEMU is not None:
+            copy = self.image.with_name("qemu-copy.vhdx")
+            shutil.copyfile(self.image, copy)
+            try:
+                res = subprocess.run([QEMU, "check", "-r", "all", "-f", "vhdx", str(copy)],
+                                     capture_output=True, text=True, timeout=60)
+                assert res.returncode == 0, f"{who}: qemu-img check -r all:\n{res.stdout}{res.stderr}"
+                q = _qemu_raw(copy, "vhdx")
+                assert q == actual, f"{who}: qemu-img's repaired copy and vhdfs's replay differ"
+                self.stats.qemu_repairs += 1
+            finally:
+                copy.unlink(missing_ok=True)
         if self.kind == "dynamic":
             q = _qemu_raw(self.image)
             if q is not None:
@@ -243,7 +308,7 @@ class Kill9Harness:
                 self.shadow.verify(q, f"{who} (qemu-img)")
                 if q != actual:
                     self.stats.qemu_disagreements += 1
-        else:
+        if self.parent is not None:
             assert corpus.sha256_file(self.parent) == self.parent_sha, f"{who}: parent changed"
         # What survived becomes the starting point of the next round.
         self.shadow.durable[:] = actual
@@ -254,7 +319,7 @@ class Kill9Harness:
 
 @needs_root
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_kill9_rounds(kind: str, tmp_path: Path) -> None:
     rounds = (ROUNDS + 1) // 2
     h = Kill9Harness(tmp_path, kind, seed=zlib.crc32(kind.encode()))  # same rounds every run
@@ -262,6 +327,10 @@ def test_kill9_rounds(kind: str, tmp_path: Path) -> None:
         h.round()
     assert h.stats.rounds == rounds
     assert h.stats.synced_writes > 0, "no write was ever acknowledged: the test tested nothing"
+    if kind.startswith("vhdx"):
+        assert h.stats.dirty_logs > 0, "no kill left a log to replay: the replay was never tested"
+    if kind == "vhdx-dynamic" and QEMU is not None:
+        assert h.stats.qemu_repairs == rounds
     print(f"kill9 {kind}: {h.stats}")
 
 
@@ -345,7 +414,7 @@ def test_concurrent_writers_allocate_once(tmp_path: Path) -> None:
 
 @needs_root
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_unsynced_writes_survive_a_kill_after_the_commit_interval(kind: str, tmp_path: Path) -> None:
     """Group commit holds new blocks' entries back, but the daemon commits them within about a
     second: writes never fsynced, killed a few intervals later, must all read back."""
@@ -366,7 +435,7 @@ def test_unsynced_writes_survive_a_kill_after_the_commit_interval(kind: str, tmp
             # Without any fsync, the file itself must come to point at every write (the
             # periodic commit); give a loaded machine many intervals before calling it lost.
             # (A copy is read: the live image is locked against other opens.)
-            snapshot = h.image.with_name("snapshot.vhd")
+            snapshot = h.image.with_name("snapshot" + h.image.suffix)
             deadline = time.monotonic() + COMMIT_INTERVAL * 15
             while shutil.copyfile(h.image, snapshot) and _read_image(snapshot) != bytes(h.shadow.durable):
                 assert time.monotonic() < deadline, "writes never committed without an fsync"

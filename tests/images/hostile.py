@@ -11,9 +11,11 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import vhdx_writer as vw
 from .content import MiB, get_field, sha256
 from .corpus import corpus_sha256, sha256_file
 from .synthetic import DYN_RAW, FIXED_RAW, VDI_RAW, dyn_vhd, fixed_vhd, synthetic_vdi, vhd_chain
+from .vhdx_writer import sealed as vhdx_sealed
 from .writers_vdi import VDI_FIELDS
 from .writers_vhd import (
     FOOTER_CSUM,
@@ -41,6 +43,7 @@ class Region:
     length: int
     fields: dict[str, tuple[int, str]] = field(default_factory=dict)  # relative offsets
     checksum: tuple[int, int, int] | None = None  # (region-relative start, length, csum offset)
+    crc32c: bool = False          # the checksum is VHDX's CRC-32C (else VHD's one's complement)
 
 
 @dataclass
@@ -53,6 +56,14 @@ class Target:
     regions: list[Region]
     expected_sha256: str          # of the raw disk, when nothing meaningful was changed
     parent: tuple[str, bytes] | None = None   # (file name, bytes) written next to it
+    # A dirty VHDX log: the disk as read ignoring the log (never a right answer while the log
+    # and the headers are intact) and the spans that keep the log valid.
+    stale_sha256: str | None = None
+    log_spans: tuple[tuple[int, int], ...] = ()
+
+    def log_intact(self, data: bytes) -> bool:
+        return self.stale_sha256 is not None and all(
+            data[o:o + n] == self.data[o:o + n] for o, n in self.log_spans)
 
 
 def _vhd_regions(data: bytes, with_header: bool) -> list[Region]:
@@ -93,6 +104,79 @@ def _vdi_regions(data: bytes) -> list[Region]:
                    {f"map{i}": (4 * i, "<I") for i in range(nblocks)})]
 
 
+_VHDX_HEADER = {"seq": (8, "<Q"), "file_write_guid": (16, "16s"), "data_write_guid": (32, "16s"),
+                "log_guid": (48, "16s"), "log_version": (64, "<H"), "version": (66, "<H"),
+                "log_length": (68, "<I"), "log_offset": (72, "<Q"), "checksum": (4, "<I"),
+                "signature": (0, "4s")}
+
+
+def _vhdx_regions(data: bytes, *, locator: int = 0, log_entry: int = 0) -> list[Region]:
+    """Headers, region tables, metadata table and items, BAT (first 64 entries), and when
+    present the parent locator's key/value table (``locator`` bytes) and the first log entry
+    (``log_entry`` bytes: its header, first descriptor and first data sector)."""
+    rt = {"count": (8, "<I"), "checksum": (4, "<I")}
+    for i in range(2):
+        rt |= {f"r{i}_guid": (16 + 32 * i, "16s"), f"r{i}_offset": (32 + 32 * i, "<Q"),
+               f"r{i}_length": (40 + 32 * i, "<I"), f"r{i}_required": (44 + 32 * i, "<I")}
+    n = struct.unpack_from("<H", data, vw.METADATA_OFFSET + 10)[0]
+    mt = {"count": (10, "<H"), "signature": (0, "8s")}
+    for i in range(n):
+        mt |= {f"e{i}_id": (32 + 32 * i, "16s"), f"e{i}_offset": (48 + 32 * i, "<I"),
+               f"e{i}_length": (52 + 32 * i, "<I"), f"e{i}_flags": (56 + 32 * i, "<I")}
+    items = {"block_size": (0, "<I"), "file_flags": (4, "<I"), "virtual_size": (8, "<Q"),
+             "logical_sector": (32, "<I"), "physical_sector": (40, "<I")}
+    regions = [Region(f"vhdx-header{i + 1}", off, 4096, _VHDX_HEADER, (0, 4096, 4), True)
+               for i, off in enumerate(vw.HEADER_OFFSETS)]
+    regions += [Region(f"region-table{i + 1}", off, 32 + 32 * 2, rt, (0, 64 * 1024, 4), True)
+                for i, off in enumerate(vw.REGION_OFFSETS)]
+    regions.append(Region("metadata-table", vw.METADATA_OFFSET, 32 + 32 * n, mt))
+    regions.append(Region("metadata-items", vw.METADATA_OFFSET + 64 * 1024, 48, items))
+    regions.append(Region("vhdx-bat", vw.BAT_OFFSET, 8 * 64, {f"bat{i}": (8 * i, "<Q") for i in range(64)}))
+    if locator:
+        count = struct.unpack_from("<H", data, vw.METADATA_OFFSET + 64 * 1024 + 48 + 18)[0]
+        lt = {"key_count": (18, "<H"), "locator_type": (0, "16s")}
+        for i in range(count):
+            lt |= {f"k{i}_key_offset": (20 + 12 * i, "<I"), f"k{i}_value_offset": (24 + 12 * i, "<I"),
+                   f"k{i}_key_length": (28 + 12 * i, "<H"), f"k{i}_value_length": (30 + 12 * i, "<H")}
+        regions.append(Region("parent-locator", vw.METADATA_OFFSET + 64 * 1024 + 48, locator, lt))
+    if log_entry:
+        le = {"signature": (0, "4s"), "entry_checksum": (4, "<I"), "entry_length": (8, "<I"),
+              "tail": (12, "<I"), "sequence": (16, "<Q"), "descriptor_count": (24, "<I"),
+              "log_guid": (32, "16s"), "flushed_offset": (48, "<Q"), "last_offset": (56, "<Q"),
+              "desc_signature": (64, "4s"), "desc_trailing": (68, "4s"), "desc_leading": (72, "8s"),
+              "desc_file_offset": (80, "<Q"), "desc_sequence": (88, "<Q")}
+        regions.append(Region("log-entry", vw.LOG_OFFSET, 4096, le, (0, log_entry, 4), True))
+        regions.append(Region("log-data", vw.LOG_OFFSET + 4096, 4096,
+                              {"data_signature": (0, "4s"), "sequence_high": (4, "<I"),
+                               "sequence_low": (4092, "<I")}, (-4096, log_entry, 4), True))
+    return regions
+
+
+def vhdx_targets(workdir: Path) -> list[Target]:
+    """Dynamic, differencing (its parent next to it) and dirty-log VHDX from the writer."""
+    from . import cases_vhdx as cx
+
+    d = workdir / "fuzz-bases-vhdx"
+    d.mkdir(parents=True, exist_ok=True)
+    dyn = bytes(cx._built().data)
+    out = [Target("synthetic-vhdx-dynamic", dyn, "vhdx", _vhdx_regions(dyn), sha256(cx.VHDX_RAW))]
+    child, flat = cx._chain(d)
+    cdata = bytes(child.data)
+    loc = len(vw.locator_bytes(cx._locator()))
+    out.append(Target("synthetic-vhdx-differencing", cdata, "vhdx", _vhdx_regions(cdata, locator=loc),
+                      sha256(flat), ("parent.vhdx", (d / "parent.vhdx").read_bytes())))
+    dirty = cx._dirty()
+    ddata = bytes(dirty.data)
+    entry_len = struct.unpack_from("<I", ddata, vw.LOG_OFFSET + 8)[0]
+    replayed = bytearray(cx.VHDX_RAW)
+    replayed[MiB:2 * MiB] = cx.pattern(MiB, seed=41)
+    spans = ((vw.LOG_OFFSET, entry_len), *((o, 4096) for o in vw.HEADER_OFFSETS))
+    out.append(Target("synthetic-vhdx-dirty-log", ddata, "vhdx",
+                      _vhdx_regions(ddata, log_entry=entry_len), sha256(bytes(replayed)),
+                      stale_sha256=sha256(cx.VHDX_RAW), log_spans=spans))
+    return out
+
+
 def fuzz_targets(corpus: Path | None, workdir: Path) -> list[Target]:
     """Base images: synthetic dynamic/differencing/fixed VHD and VDI, plus corpus ones."""
     out: list[Target] = []
@@ -118,6 +202,7 @@ def fuzz_targets(corpus: Path | None, workdir: Path) -> list[Target]:
                 data = (corpus / name).read_bytes()
                 regs = _vhd_regions(data, True) if fmt == "vhd" else _vdi_regions(data)
                 out.append(Target(f"corpus:{name}", data, fmt, regs, corpus_sha256(name)))
+    out += vhdx_targets(workdir)
     return out
 
 
@@ -182,7 +267,10 @@ def apply_mutation(target: Target, m: Mutation, data: bytes | None = None) -> tu
         start, length, csum = r.checksum
         block = bytearray(buf[r.offset + start:r.offset + start + length])
         if len(block) == length:
-            fix_vhd_checksum(block, csum)
+            if r.crc32c:
+                block = bytearray(vhdx_sealed(block, csum))
+            else:
+                fix_vhd_checksum(block, csum)
             buf[r.offset + start:r.offset + start + length] = block
     same = bytes(buf) == target.data
     # A rewritten checksum field leaves every other byte as it was: the disk must read the same.
@@ -229,13 +317,16 @@ class Outcome:
 
 
 def run_hostile(path: Path, expected_sha256: str | None, must_match: bool, *,
-                time_limit: float = 10.0, mem_limit: int = 256 * MiB, cli: bool = True) -> Outcome:
+                time_limit: float = 10.0, mem_limit: int = 256 * MiB, cli: bool = True,
+                stale_sha256: str | None = None, lazy_blocks: bool = False) -> Outcome:
     """open_image, describe, check, a full chunked read, and (in-process) ``info``/``check``.
 
     Allowed: correct data, or a one-line ``VhdfsError``. FAIL: any other exception, a case
     slower than ``time_limit`` seconds, more than ``mem_limit`` bytes allocated (tracemalloc
     peak, with RLIMIT_AS as a safety net), a changed file, or wrong data where the mutation
-    could not have changed it.
+    could not have changed it, or data equal to ``stale_sha256`` (a dirty log ignored).
+    ``lazy_blocks`` (VHDX, whose BAT is not read whole at open): an image that opens but fails
+    on a block's read may have ``info`` exit 0; ``check`` must still fail.
     """
     import contextlib
     import io
@@ -270,7 +361,9 @@ def run_hostile(path: Path, expected_sha256: str | None, must_match: bool, *,
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             try:
+                opened = False
                 with open_image(path) as img:
+                    opened = True
                     img.describe()
                     img.check()
                     img.allocated_bytes()
@@ -285,6 +378,8 @@ def run_hostile(path: Path, expected_sha256: str | None, must_match: bool, *,
                             pos += len(chunk)
                         if must_match and expected_sha256 and h.hexdigest() != expected_sha256:
                             outcome = Outcome("FAIL", "wrong data although the mutation kept the disk")
+                        elif stale_sha256 and h.hexdigest() == stale_sha256:
+                            outcome = Outcome("FAIL", "stale data: a valid log was not replayed")
                     else:
                         sparse_read(img)
             except errors.VhdfsError as exc:
@@ -303,7 +398,8 @@ def run_hostile(path: Path, expected_sha256: str | None, must_match: bool, *,
                              if not ln.startswith("vhdfs: warning: ")]
                     if rc not in (0, 1) and (len(lines) != 1 or not lines[0].startswith("vhdfs: ")):
                         outcome = Outcome("FAIL", f"vhdfs {cmd} exit {rc}, stderr {cerr.getvalue()!r}")
-                    if outcome.status == "error" and rc == 0:
+                    if outcome.status == "error" and rc == 0 and not (
+                            lazy_blocks and opened and cmd == "info"):
                         outcome = Outcome("FAIL", f"vhdfs {cmd} exit 0 for an image open_image refuses")
         _cur, peak = tracemalloc.get_traced_memory()
         if peak > mem_limit:
@@ -332,8 +428,8 @@ def write_case(target: Target, data: bytes, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for p in folder.iterdir():
         p.unlink()
-    name = "image.vdi" if target.fmt == "vdi" else (
-        "child.vhd" if target.parent else "image.vhd")
+    ext = {"vdi": ".vdi", "vhdx": ".vhdx"}.get(target.fmt, ".vhd")
+    name = ("child" if target.parent else "image") + ext
     path = folder / name
     path.write_bytes(data)
     if target.parent:

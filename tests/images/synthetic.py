@@ -47,6 +47,9 @@ class Case:
     check_note: bool = False       # what check finds is harmless: a note, exit 0
     needs_corpus: bool = False
     fmt: str = "vhd"
+    # The damage is in one block's BAT entry, found when that block is read (a VHDX BAT is not
+    # read whole at open): ``info`` answers (exit 0), ``check`` reports ``fragments`` (exit 1).
+    lazy: bool = False
 
 
 # Synthetic images: 6 MiB dynamic, blocks 0 and 2 allocated (stored in reverse order), block 1
