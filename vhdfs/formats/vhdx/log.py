@@ -293,6 +293,8 @@ def plan_replay(
         raise FormatError(f"log: offset {log_offset} / length {log_length} not 1 MiB aligned")
     if log_offset < spec.HEADER_AREA_SIZE:
         raise FormatError(f"log: offset {log_offset} inside the header area")
+    if log_offset + log_length > file_size:  # before reading it: LogLength may say 4 GiB
+        raise FormatError(f"log: region at {log_offset} runs past the end of the file")
     try:
         log = _Log(pread, log_offset, log_length)
         best: list[LogEntry] | None = None
