@@ -11,9 +11,13 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from ..errors import BusyError, FormatError, UsageError, VhdfsError
+
+T = TypeVar("T")
 
 _ZEROS = bytes(1 << 20)
 _MAX_RUN = 8 * 1024 * 1024  # cap on one joined write of parts
@@ -240,3 +244,23 @@ class RawFile:
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
+
+
+def open_layer_file(path: str, writable: bool, title: str, body: Callable[[RawFile], T]) -> T:
+    """Open ``path`` and hand it to ``body``, the driver's parser; on any failure close it again.
+
+    A driver's low-level decoding errors on hostile input (struct, index, value, size, Unicode)
+    become one ``FormatError`` line naming the file; ``VhdfsError`` gets the file's name.
+    """
+    f = RawFile(path, writable)
+    try:
+        return body(f)
+    except VhdfsError as exc:
+        f.close()
+        raise exc.with_path(f.path) from None
+    except (struct.error, ValueError, IndexError, OverflowError, MemoryError, UnicodeError) as exc:
+        f.close()
+        raise FormatError(f"corrupt {title} metadata ({type(exc).__name__}: {exc})", f.path) from None
+    except BaseException:
+        f.close()
+        raise

@@ -8,12 +8,10 @@ corrupt input is turned into a one-line ``FormatError``.
 
 from __future__ import annotations
 
-import struct
-
 from ...block.driver import Driver, DriverOption, Limits
 from ...block.image import Image, OpenOptions
-from ...block.rawfile import RawFile
-from ...errors import FormatError, UnsupportedError, VhdfsError, warn
+from ...block.rawfile import RawFile, open_layer_file
+from ...errors import FormatError, UnsupportedError, warn
 from . import spec as fmt
 from .compact import compact
 from .create import create_from_spec
@@ -36,18 +34,7 @@ SIZE_RULE = DriverOption(
 
 def open_layer(path: str, options: OpenOptions) -> Image:
     """Open one VHD layer (parents are attached by ``chain.attach_parents``)."""
-    f = RawFile(path, options.writable)
-    try:
-        return _open(path, f, options)
-    except VhdfsError as exc:
-        f.close()
-        raise exc.with_path(f.path) from None
-    except (struct.error, ValueError, IndexError, OverflowError, MemoryError, UnicodeError) as exc:
-        f.close()
-        raise FormatError(f"corrupt VHD metadata ({type(exc).__name__}: {exc})", f.path) from None
-    except BaseException:
-        f.close()
-        raise
+    return open_layer_file(path, options.writable, "VHD", lambda f: _open(path, f, options))
 
 
 def _open(path: str, f: RawFile, options: OpenOptions) -> Image:

@@ -11,13 +11,11 @@ writable open has chosen the header: a failed open leaves the file untouched.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 
 from ...block.driver import CERTAIN, NO, Driver, ProbeData
 from ...block.image import Image, OpenOptions
-from ...block.rawfile import RawFile
-from ...errors import FormatError, VhdfsError
+from ...block.rawfile import RawFile, open_layer_file
 from . import spec
 from .create import LIMITS, create_from_spec
 from .image import VhdxImage
@@ -36,18 +34,7 @@ def probe(data: ProbeData) -> int:
 
 def open_layer(path: str, options: OpenOptions) -> Image:
     """Open one VHDX layer (parents are attached by ``chain.attach_parents``)."""
-    f = RawFile(path, options.writable)
-    try:
-        return _open(path, f, options)
-    except VhdfsError as exc:
-        f.close()
-        raise exc.with_path(f.path) from None
-    except (struct.error, ValueError, IndexError, OverflowError, MemoryError, UnicodeError) as exc:
-        f.close()
-        raise FormatError(f"corrupt VHDX metadata ({type(exc).__name__}: {exc})", f.path) from None
-    except BaseException:
-        f.close()
-        raise
+    return open_layer_file(path, options.writable, "VHDX", lambda f: _open(path, f, options))
 
 
 def _open(path: str, f: RawFile, options: OpenOptions) -> Image:
