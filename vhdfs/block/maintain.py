@@ -7,8 +7,11 @@ be cut only where every byte reads as zero.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .extent import Kind
 from .image import Image
+from .rawfile import RawFile
 
 CHUNK = 4 * 1024 * 1024
 
@@ -43,3 +46,25 @@ def first_nonzero(img: Image, start: int, end: int) -> int | None:
                 return pos + n - len(stripped)
             pos += n
     return None
+
+
+class RepairSession:
+    """What ``check --repair`` does to one file: every change said before it is made.
+
+    The rule lives here once for every driver: a change is printed first, recorded, and (unless
+    this is a dry run) made and synced before the next change is looked at, so a kill between
+    two repairs leaves each one whole.
+    """
+
+    def __init__(self, f: RawFile, dry_run: bool, say: Callable[[str], None]) -> None:
+        self.f = f
+        self.dry_run = dry_run
+        self.say = say
+        self.changes: list[str] = []
+
+    def change(self, text: str, do: Callable[[], object]) -> None:
+        self.say(text)
+        self.changes.append(text)
+        if not self.dry_run:
+            do()
+            self.f.sync()

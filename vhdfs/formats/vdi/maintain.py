@@ -25,7 +25,7 @@ from collections.abc import Callable
 from functools import partial
 
 from ...block.image import Image
-from ...block.maintain import releasable
+from ...block.maintain import RepairSession, releasable
 from ...block.rawfile import RawFile
 from ...errors import FormatError, UnsupportedError
 from . import spec as fmt
@@ -177,15 +177,8 @@ def _pack(img: VdiImage, progress: Callable[[int, int], None]) -> list[str]:
 
 def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
     f = RawFile(path, writable=not dry_run)
-    changes: list[str] = []
-
-    def change(text: str, do: Callable[[], object]) -> None:
-        say(text)
-        changes.append(text)
-        if not dry_run:
-            do()
-            f.sync()
-
+    session = RepairSession(f, dry_run, say)
+    change, changes = session.change, session.changes
     try:
         size = f.size()
         h = fmt.parse_header(os.pread(f.fd, fmt.HEADER_READ_SIZE, 0), size)

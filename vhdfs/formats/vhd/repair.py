@@ -23,6 +23,7 @@ from array import array
 from collections.abc import Callable
 from functools import partial
 
+from ...block.maintain import RepairSession
 from ...block.rawfile import RawFile
 from . import spec as fmt
 from .footer import read_footer
@@ -33,15 +34,8 @@ S = fmt.SECTOR
 
 def repair(path: str, dry_run: bool, say: Callable[[str], None]) -> list[str]:
     f = RawFile(path, writable=not dry_run)
-    changes: list[str] = []
-
-    def change(text: str, do: Callable[[], object]) -> None:
-        say(text)
-        changes.append(text)
-        if not dry_run:
-            do()
-            f.sync()
-
+    session = RepairSession(f, dry_run, say)
+    change, changes = session.change, session.changes
     try:
         size = f.size()
         footer, fo, where, _findings = read_footer(f, size)
