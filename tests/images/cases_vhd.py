@@ -8,6 +8,7 @@ import uuid as uuidlib
 from .content import MiB, patch_bytes, pattern, truncate
 from .corpus import corpus_copy, corpus_sha256
 from .synthetic import (
+    CHILD_RAW_SECTORS,
     DYN_RAW,
     DYN_SIZE,
     FIXED_RAW,
@@ -244,9 +245,19 @@ def _b_corpus_uuid_mismatch(d, c):
     return err(p)
 
 
-def _b_diff_other_size(d, c):
+def _b_diff_parent_smaller(d, c):
+    # a grown child (Resize-VHD on a differencing disk): past the parent's end it reads zeros
     _parent, child, _flat = vhd_chain(d, parent_size=4 * MiB)
-    return err(child.path)
+    flat = bytearray(DYN_RAW[:4 * MiB] + bytes(DYN_SIZE - 4 * MiB))
+    for s, data in CHILD_RAW_SECTORS.items():
+        flat[s * 512:(s + 1) * 512] = data
+    return ok(child.path, bytes(flat))
+
+
+def _b_diff_parent_larger(d, c):
+    # a shrunk child: only the parent's prefix counts
+    _parent, child, flat = vhd_chain(d, parent_size=8 * MiB)
+    return ok(child.path, flat)
 
 
 def retarget_locators(info: VhdInfo, name: str) -> None:
@@ -408,8 +419,8 @@ VHD_CASES: list[Case] = [
           "--ignore-parent-id")),
     Case("corpus-diff-uuid-mismatch", _b_corpus_uuid_mismatch, "ChainError",
          ("parent xo-base.vhd not found with id", "--ignore-parent-id"), needs_corpus=True),
-    Case("diff-parent-other-size", _b_diff_other_size, "ChainError",
-         ("is 4194304 bytes but the child expects 6291456",)),
+    Case("diff-parent-smaller", _b_diff_parent_smaller),
+    Case("diff-parent-larger", _b_diff_parent_larger),
     Case("diff-chain-loops", _b_diff_loop, "ChainError", ("chain loops",)),
     Case("diff-parent-is-itself", _b_diff_self_loop, "ChainError", ("chain loops",)),
     Case("diff-locator-outside-file", _b_diff_locator_outside, None,

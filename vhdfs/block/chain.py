@@ -2,8 +2,12 @@
 
 Parent resolution lives here and not in the drivers because the rules that make a chain safe
 are the same for every format: the first candidate that exists *and* carries the expected
-identity wins; a loop, a missing parent or a parent of another size is refused by name; parents
-are always opened read-only, so the kernel itself keeps them unchanged.
+identity wins; a loop, a missing parent or a parent of another format is refused by name;
+parents are always opened read-only, so the kernel itself keeps them unchanged.
+
+A parent of another size is accepted, as Hyper-V (Resize-VHD on a differencing disk) and QEMU
+(a backing file shorter than its overlay) accept it: ``Image._resolve`` reads zeros for what
+falls through past the parent's end, and a larger parent contributes only its prefix.
 """
 
 from __future__ import annotations
@@ -126,10 +130,6 @@ def attach_parents(top: Image, options: OpenOptions) -> None:
             raise ChainError(f"chain is deeper than {MAX_DEPTH} images", top.path)
         parent = _open_parent(img, img.parent_ref, parent_options, seen)
         img.backing = parent
-        if parent.size != img.size:
-            raise ChainError(
-                f"parent {parent.path} is {parent.size} bytes but the child expects {img.size}", img.path
-            )
         seen[_file_key(parent.path)] = parent.path
         img = parent
 

@@ -227,6 +227,9 @@ class Image(abc.ABC):
         return merge_extents(self._resolve(offset, length, _layer))
 
     def _resolve(self, offset: int, length: int, layer: int) -> Iterator[Extent]:
+        """The one place a read falls through to the parent, so the one place it is clipped:
+        past the parent's end a child reads zeros (a grown child, a smaller parent), and a
+        larger parent is only ever asked for the child's range (its prefix)."""
         for ext in self.map_layer(offset, length):
             if ext.kind != Kind.BACKING:
                 yield Extent(ext.offset, ext.length, ext.kind, ext.fd, ext.file_offset, layer)

@@ -18,9 +18,8 @@ CHUNK = 4 * 1024 * 1024
 
 def below(img: Image, offset: int, length: int) -> bytes:
     """What a reader would see at ``[offset, offset+length)`` without this layer's own data."""
-    if img.backing is not None:
-        return img.backing.read(offset, length)
-    return bytes(length)
+    data = img.backing.read(offset, length) if img.backing is not None else b""
+    return data + bytes(length - len(data))  # zeros past a smaller parent's end
 
 
 def releasable(img: Image, offset: int, length: int) -> bool:

@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         tail = "; child removed" if result.removed else ""
+        if result.parent_grown:
+            print(f"grew {result.parent} to the child's size: {'; '.join(result.parent_grown)}")
         print(f"committed {amount(result.bytes_copied)} from {result.child} into {result.parent}{tail}")
     return 0
 

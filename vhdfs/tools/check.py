@@ -1,9 +1,9 @@
 """Checking an open image and its chain without changing a byte: findings with a severity.
 
 Every layer's driver reports its own structural problems (footers, headers, tables, bitmaps);
-this adds what only the chain can tell (parent identity and size), and walks each layer's
-whole allocation map so that a table pointing past the end of the file is found here rather
-than at the first read of a mount.
+this adds what only the chain can tell (parent identity; a parent of another size, as a note),
+and walks each layer's whole allocation map so that a table pointing past the end of the file
+is found here rather than at the first read of a mount.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..block.driver import Finding, Severity, error
+from ..block.driver import Finding, Severity, error, note
 from ..block.extent import Kind
 from ..block.image import Image
 from ..errors import VhdfsError
@@ -66,8 +66,13 @@ def check_image(img: Image) -> list[LayerFinding]:
                         f"the child expects {ref.expected_id}"
                     )
                 )
-            if parent.size != layer.size:
-                found.append(error(f"parent {parent.path} is {parent.size} bytes, the child {layer.size}"))
+            if parent.size != layer.size:  # allowed (a resized child): say how it reads
+                tail = (
+                    "reads as zeros past its end" if parent.size < layer.size else "counts to the child's end"
+                )
+                found.append(
+                    note(f"parent {parent.path} is {parent.size} bytes, the child {layer.size}: {tail}")
+                )
         out.extend(LayerFinding(layer.path, f) for f in found)
     return out
 

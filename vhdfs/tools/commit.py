@@ -9,19 +9,26 @@ running the same commit again simply finishes it.
 Only the child's *own* layer is copied (``map_layer``: the sectors whose bitmap bits are set in
 a VHD, the allocated blocks of a VDI), never the merged chain: the parent must end up reading
 as the child did, and anything else would bloat it with data it already holds.
+
+A child of another size than its parent (``vhdfs resize`` of a differencing image): a parent
+smaller than the child is grown to the child's size first (a resize, itself crash-safe, that
+changes nothing the child reads); a larger parent is accepted only when its bytes past the
+child's end read as zeros, since otherwise the committed parent would not read as the child.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..block.chain import make_options, open_image, open_layer
 from ..block.extent import Extent, Kind, preadinto_exact
 from ..block.image import Image
+from ..block.maintain import first_nonzero
 from ..errors import ChainError, UsageError
+from .maintain import grow_open
 
 CHUNK = 4 * 1024 * 1024
 _ZEROS = bytes(CHUNK)
@@ -38,6 +45,7 @@ class CommitResult:
     parent: str
     bytes_copied: int
     removed: bool
+    parent_grown: list[str] = field(default_factory=list)  # the resize's report, when it grew
 
 
 def _pieces(exts: list[Extent]) -> Iterator[Extent]:
@@ -76,7 +84,7 @@ def commit(
         parent_dirs=dirs, ignore_parent_id=ignore_parent_id, force=force, **(driver_options or {})
     )
 
-    # 1. Find the parent by opening the whole chain read-only (this checks UUIDs and sizes).
+    # 1. Find the parent by opening the whole chain read-only (this checks UUIDs).
     with open_image(child_path, **common) as probe:
         if probe.backing is None:
             raise UsageError(
@@ -85,22 +93,31 @@ def commit(
             )
         parent_path = probe.backing.path
         expected_id = probe.parent_ref.expected_id if probe.parent_ref else None
+        child_size, parent_size = probe.size, probe.backing.size
 
-    # 2. Parent chain writable, child layer alone read-only: no lock of ours blocks the other.
-    parent = open_image(parent_path, writable=True, **common)
-    try:
+    def check_id(parent: Image) -> None:
         if expected_id is not None and parent.identity() != expected_id and not ignore_parent_id:
             raise ChainError(
                 f"parent {parent_path} changed while opening it (id {parent.identity()}, "
                 f"expected {expected_id})",
                 child_path,
             )
+
+    # 1b. A grown child: the parent grows first (a crash-safe resize; the child reads the same
+    # over either size, zeros past the parent's end), so the child's tail has somewhere to go.
+    grown: list[str] = []
+    if child_size > parent_size:
+        with open_image(parent_path, writable=True, **common) as parent:
+            check_id(parent)
+            grown = grow_open(parent, child_size)
+
+    # 2. Parent chain writable, child layer alone read-only: no lock of ours blocks the other.
+    parent = open_image(parent_path, writable=True, **common)
+    try:
+        check_id(parent)
         child = open_layer(child_path, make_options(**common))
         try:
-            if child.size != parent.size:
-                raise ChainError(
-                    f"parent {parent_path} is {parent.size} bytes but the child is {child.size}", child_path
-                )
+            _refuse_smaller_child(child, parent)
             copied = _merge(child, parent, progress)
         finally:
             child.close()
@@ -112,7 +129,27 @@ def commit(
     if remove:
         os.unlink(child_path)
         _sync_dir(os.path.dirname(child_path))
-    return CommitResult(child_path, parent_path, copied, remove)
+    return CommitResult(child_path, parent_path, copied, remove, grown)
+
+
+def _refuse_smaller_child(child: Image, parent: Image) -> None:
+    """The parent must end up reading as the child did: past a (shrunk) child's end, zeros.
+
+    A parent larger than the child (or rounded up by its size rule when it grew) is fine as long
+    as nothing it holds there would show; otherwise the commit is refused by name.
+    """
+    if child.size > parent.size:
+        raise ChainError(
+            f"parent {parent.path} is {parent.size} bytes, smaller than the child ({child.size})", child.path
+        )
+    hit = first_nonzero(parent, child.size, parent.size)
+    if hit is not None:
+        raise ChainError(
+            f"the child is {child.size} bytes but its parent {parent.path} ({parent.size} bytes) "
+            f"holds data at offset {hit}, past the child's end: after a commit the parent would "
+            "not read as the child does (shrink or clear the parent's tail first)",
+            child.path,
+        )
 
 
 def _merge(child: Image, parent: Image, progress: Progress | None) -> int:

@@ -36,12 +36,16 @@ def new_size(text: str, current: int, parse: Callable[[str], int]) -> int:
     return size
 
 
-def _hook(path: str, name: str) -> tuple[Driver, Callable[..., Any]]:
-    d = driver(probe_format(path))
+def _hook_of(d: Driver, name: str, path: str) -> Callable[..., Any]:
     fn = getattr(d, name)
     if fn is None:
         raise UnsupportedError(f"{name} is not supported for {d.title} images yet", path)
-    return d, fn
+    return fn
+
+
+def _hook(path: str, name: str) -> tuple[Driver, Callable[..., Any]]:
+    d = driver(probe_format(path))
+    return d, _hook_of(d, name, path)
 
 
 def children_of(path: str) -> list[str]:
@@ -94,6 +98,37 @@ def _open_writable(path: str, **kw: Any) -> Image:
     return open_image(path, True, **kw)
 
 
+def _refuse_parent_tail(img: Image, old: int, target: int) -> None:
+    """A grown child's new tail must read as zeros; it falls through to the parent, which is
+    zero past its own end, but a larger parent (the child was shrunk) may hold data there."""
+    parent = img.backing
+    if parent is None or target <= old:
+        return
+    hit = first_nonzero(parent, old, min(target, parent.size))
+    if hit is not None:
+        raise UsageError(
+            f"cannot grow to {target} bytes: the parent {parent.path} holds data at offset {hit}, "
+            f"past this child's end ({old}), and the new tail would show it instead of zeros",
+            img.path,
+        )
+
+
+def _never_shrinks(cut_to: int) -> None:
+    raise AssertionError(f"a grow asked to cut the disk to {cut_to} bytes")  # pragma: no cover
+
+
+def grow_open(img: Image, target: int) -> list[str]:
+    """Grow an image already open for writing (its chain attached) to at least ``target`` bytes.
+
+    ``commit`` grows a parent smaller than its child this way; the image must be closed and
+    opened again before it is used (the hook changes the file, not the open object's view).
+    """
+    hook = _hook_of(driver(img.format), "resize", img.path)
+    _refuse_parent_tail(img, img.size, target)
+    result: list[str] = hook(img, target, _never_shrinks)
+    return result
+
+
 def resize_image(
     path: str,
     size_text: str,
@@ -120,6 +155,7 @@ def resize_image(
                     path,
                 )
 
+        _refuse_parent_tail(img, old, target)
         done = hook(img, target, ensure_zero)
     finally:
         img.close()

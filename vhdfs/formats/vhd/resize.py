@@ -14,7 +14,9 @@ Crash order (every prefix reads as the old or the new size, same content):
   footer sector zeroed (it becomes data), then the new footer over the copy. Shrinking: the new
   footer at the new end, then the truncate. (The one window: between those two, the old-size
   image shows the new footer in the sector being cut away, which had to read as zeros.)
-- dynamic: entries past the disk's end cleared; the last block's bytes past the old end zeroed;
+- dynamic and differencing (Resize-VHD does both; a child's new tail reads past its parent's
+  end, so as zeros, which ``tools/maintain`` makes sure of): entries past the disk's end
+  cleared; the last block's bytes past the old end zeroed;
   a longer BAT written (extended in place when only free space follows it, else a full copy past
   everything, never over a block, locator or batmap), the footer moved first when the table
   reaches it; synced before the header points at it; then the footers (tail, then head copy).
@@ -102,12 +104,6 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
     if isinstance(img, FixedVhd):
         return _resize_fixed(img, requested, ensure_zero)
     assert isinstance(img, SparseVhd)
-    if img.differencing:
-        raise UnsupportedError(
-            "a differencing VHD has its parent's size: resize the base image "
-            "(vhdfs refuses a chain whose sizes differ)",
-            img.path,
-        )
     return _resize_sparse(img, requested, ensure_zero)
 
 
