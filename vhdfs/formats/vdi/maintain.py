@@ -1,11 +1,12 @@
 """``vhdfs resize``, ``compact`` and ``check --repair`` for VDI.
 
 Resize: the block map grows in place into the room VirtualBox and QEMU leave before the data
-area (QEMU: up to the next 4 KiB, VirtualBox: up to 1 MiB). When it does not fit, the first data
-blocks would have to move and every index be renumbered together with ``offset_data``; no order
-of writes makes that crash-safe, so it is refused by name (``vhdfs convert`` makes a new image).
-Order: the last block's bytes past the old end zeroed; new entries (free, or the identity with
-the file extended for a static image) synced; then the header fields in one sector. A shrink
+area (QEMU: up to the next 512 bytes, VirtualBox: up to 1 MiB). When it does not fit, the first
+data blocks move to the end of the file first and the map moves into their place (``room.py``,
+its own crash-safe steps, the size unchanged). A differencing image grows the same way (its new
+tail reads past the parent's end, as zeros). Order: the last block's bytes past the old end
+zeroed; new entries (free, or the identity with the file extended for a static image) synced;
+then the header fields in one sector. A shrink
 frees the entries cut away first, then packs (as compact) so ``blocks_allocated`` stays exact.
 
 Compact (``VBoxManage --compact``): blocks that read the same without them are released
@@ -30,6 +31,7 @@ from ...block.rawfile import RawFile
 from ...errors import FormatError, UnsupportedError
 from . import spec as fmt
 from .image import VdiImage
+from .room import make_room, room
 
 _U32 = struct.Struct("<I")
 SECTOR_SIZE_OFFSET = 0x168
@@ -80,15 +82,8 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
             _fields(f, h)
             f.sync()
         return [*said, f"disk size {old} → {size}"]
-    room = (h.offset_data - h.offset_bmap) // 4
-    if need > room:
-        raise UnsupportedError(
-            f"the block map has room for {room} entries before the data area at "
-            f"{h.offset_data:#x}; {size} bytes need {need} blocks of {bs}. Making room means "
-            "moving data blocks and renumbering the whole map, which cannot be done crash-safely "
-            "in place: use vhdfs convert to a new image",
-            img.path,
-        )
+    if need > room(img):  # the first data blocks move away (room.py), at the old size
+        said.append(make_room(img, need))
     last, rel = (old - 1) // bs, old - ((old - 1) // bs) * bs
     if rel < bs and img.bmap[last] < fmt.BLOCK_ZERO:
         f.write_parts([bs - rel], img._data_offset(img.bmap[last]) + rel)
