@@ -18,10 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from images.writers_vdi import build_vdi, vdi_field
-from test_maintain_crash import _apply, _states
-from writelog import WriteLog
-
 from vhdfs import errors
 from vhdfs.block import open_image
 from vhdfs.block.driver import Severity
@@ -30,6 +26,10 @@ from vhdfs.cli.create import parse_size
 from vhdfs.tools.check import check_image
 from vhdfs.tools.create import create_image
 from vhdfs.tools.maintain import repair_image, resize_image
+
+from images.writers_vdi import build_vdi, vdi_field
+from test_maintain_crash import _apply, _states
+from writelog import WriteLog
 
 MiB = 1024 * 1024
 QEMU = shutil.which("qemu-img")
