@@ -191,6 +191,9 @@ def _replay(path: Path, run, old: bytes, new_size: int, tmp: Path, monkeypatch: 
             assert img.size in (len(old), new_size), f"{what}: size {img.size}"
             assert img.read(0, len(old)) == old, f"{what}: content"
             assert first_nonzero(img, len(old), img.size) is None, f"{what}: tail"
+            # and no writer could reuse a block in use (an entry at or past blocks_allocated)
+            errs = [f.finding.text for f in check_image(img) if f.finding.severity is Severity.ERROR]
+            assert errs == [], f"{what}: {errs}"
         repair_image(str(out), False, lambda s: None)
         with open_image(out, **open_kw) as img:
             errs = [f.finding.text for f in check_image(img) if f.finding.severity is Severity.ERROR]
