@@ -58,15 +58,6 @@ class AsyncImage:
     # Called (in a worker thread) after a failed flush or commit rolled writes back: the
     # mount drops what the kernel page cache holds of this image's files (operations.py).
     on_rollback: Callable[[], None] | None = None
-    # the layers whose map may need I/O (those overriding ``Image.maps_without_io``)
-    _map_checks: list[Callable[[int, int], bool]] = field(init=False, default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._map_checks = [
-            layer.maps_without_io
-            for layer in self.image.chain
-            if type(layer).maps_without_io is not Image.maps_without_io
-        ]
 
     async def allocated_bytes(self) -> int:
         """Allocated bytes of the whole chain (capped at size), recomputed at most once a second.
@@ -149,10 +140,9 @@ class AsyncImage:
 
     async def read(self, base: int, n: int) -> bytes | bytearray | memoryview:
         """``n`` bytes at virtual offset ``base`` (inside the disk): page-cache hits inline."""
-        for maps_without_io in self._map_checks:
-            if not maps_without_io(base, n):
-                # a bitmap or table page must be read first: map (and read) in a worker thread
-                return await trio.to_thread.run_sync(self.image.read, base, n, limiter=self.limiter)
+        if not self.image.chain_maps_without_io(base, n):
+            # a bitmap or table page must be read first: map (and read) in a worker thread
+            return await trio.to_thread.run_sync(self.image.read, base, n, limiter=self.limiter)
         exts = list(self.image.extents(base, n))
         if len(exts) == 1 and exts[0].kind == Kind.ZERO:
             return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)

@@ -189,6 +189,18 @@ class Image(abc.ABC):
         """
         return True
 
+    def chain_maps_without_io(self, offset: int, length: int) -> bool:
+        """``maps_without_io`` for every layer a read of this range can fall through to, each
+        asked only about the part inside its own size (a smaller parent: nothing past its end),
+        as ``_resolve`` clips the read itself."""
+        img: Image | None = self
+        while img is not None and offset < img.size:
+            length = min(length, img.size - offset)
+            if not img.maps_without_io(offset, length):
+                return False
+            img = img.backing
+        return True
+
     def write_is_in_place(self, offset: int, length: int) -> bool:
         """True when writing this range changes no metadata (no allocation, no bitmap bit)."""
         return False
