@@ -14,6 +14,8 @@ A child of another size than its parent (``vhdfs resize`` of a differencing imag
 smaller than the child is grown to the child's size first (a resize, itself crash-safe, that
 changes nothing the child reads); a larger parent is accepted only when its bytes past the
 child's end read as zeros, since otherwise the committed parent would not read as the child.
+A crash during that growth leaves a parent that reads right but may refuse a writable open
+until ``vhdfs check --repair`` (a stale footer copy, as after any interrupted resize).
 """
 
 from __future__ import annotations
