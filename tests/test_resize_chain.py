@@ -236,7 +236,7 @@ def test_commit_of_a_shrunk_child(tmp_path: Path) -> None:
     cut = SIZE - MiB
     resize_image(str(child), str(cut), parse_size)
     before = base.read_bytes()
-    with pytest.raises(errors.ChainError, match="holds data at offset .* past the child's end"):
+    with pytest.raises(errors.ChainError, match=r"holds data at offset .* past the child's end"):
         commit(child)
     assert base.read_bytes() == before
     res = _cli("commit", str(child))
