@@ -201,8 +201,18 @@ def test_compact_differencing_keeps_zeros_over_parent_data(tmp_path: Path) -> No
         assert not [f for f in check_image(img) if f.finding.severity is not Severity.NOTE]
 
 
-def test_vdi_map_without_room_refused_by_name(tmp_path: Path) -> None:
+def test_vdi_map_without_room(tmp_path: Path) -> None:
+    """Dynamic: the first data blocks move to make room (tests/test_vdi_room.py has the rest);
+    static (an identity map): refused by name, unchanged."""
+    from vhdfs.block.maintain import first_nonzero
     path, shadow = _make("vdi-dynamic", tmp_path)
+    _o, new, done = resize_image(str(path), "2G", parse_size)
+    assert any("data block(s) to the end of the file" in d for d in done), done
+    with open_image(path) as img:
+        assert img.size == new and img.read(0, len(shadow)) == bytes(shadow)
+        assert first_nonzero(img, len(shadow), new) is None
+    os.unlink(path)
+    path, shadow = _make("vdi-static", tmp_path)
     with pytest.raises(errors.UnsupportedError) as exc:
         resize_image(str(path), "2G", parse_size)
     assert "room for" in str(exc.value) and "vhdfs convert" in str(exc.value)
