@@ -64,7 +64,9 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
         h.disk_size = size
         if need < have:
             cut = [b for b in range(need, have) if img.bmap[b] < fmt.BLOCK_ZERO]
-            if not static:
+            # freed first (they read as zeros already), except in a child, where a free entry
+            # shows the parent: there the header alone cuts them away (outside the map)
+            if not static and not img.diff:
                 f.pwrite(fmt.pack_entries([fmt.BLOCK_FREE] * (have - need)), h.offset_bmap + 4 * need)
                 f.sync()
             h.blocks_in_image = need

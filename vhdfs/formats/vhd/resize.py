@@ -16,10 +16,11 @@ Crash order (every prefix reads as the old or the new size, same content):
   image shows the new footer in the sector being cut away, which had to read as zeros.)
 - dynamic and differencing (Resize-VHD does both; a child's new tail reads past its parent's
   end, so as zeros, which ``tools/maintain`` makes sure of): entries past the disk's end
-  cleared; the last block's bytes past the old end zeroed;
-  a longer BAT written (extended in place when only free space follows it, else a full copy past
-  everything, never over a block, locator or batmap), the footer moved first when the table
-  reaches it; synced before the header points at it; then the footers (tail, then head copy).
+  cleared (a shrinking child's only after the footers: there a free entry shows the parent);
+  the last block's bytes past the old end zeroed; a longer BAT written (extended in place when
+  only free space follows it, else a full copy past everything, never over a block, locator or
+  batmap), the footer moved first when the table reaches it; synced before the header points
+  at it; then the footers (tail, then head copy).
 """
 
 from __future__ import annotations
@@ -141,6 +142,17 @@ def _write_entries(img: SparseVhd, first: int, values: list[int]) -> None:
         img.file.pwrite(struct.pack(f">{len(values)}I", *values), img.header.table_offset + 4 * first)
 
 
+def _release_past(img: SparseVhd, keep: int, said: list[str]) -> None:
+    """Clear the BAT entries from ``keep`` on (blocks past the disk's end), synced."""
+    cut = [i for i in range(keep, len(img.bat)) if img.bat[i] != fmt.UNUSED_BAT]
+    if cut:
+        _write_entries(img, keep, [fmt.UNUSED_BAT] * (len(img.bat) - keep))
+        img.file.sync()
+        for i in cut:
+            img.bat[i] = fmt.UNUSED_BAT
+        said.append(f"released {len(cut)} block(s) past the new end")
+
+
 def _resize_sparse(img: SparseVhd, requested: int, ensure_zero: Callable[[int], None]) -> list[str]:
     size, geom, said = plan_size(img.footer, requested, False, img.size_rule)
     if size > fmt.MAX_VIRTUAL_SIZE:
@@ -152,15 +164,13 @@ def _resize_sparse(img: SparseVhd, requested: int, ensure_zero: Callable[[int], 
     need = -(-size // B)
     if size < old:
         ensure_zero(size)
-    # entries past the (smaller) disk end: they read as zeros now and must stay so
-    keep = min(need, -(-old // B))
-    cut = [i for i in range(keep, len(img.bat)) if img.bat[i] != fmt.UNUSED_BAT]
-    if cut:
-        _write_entries(img, keep, [fmt.UNUSED_BAT] * (len(img.bat) - keep))
-        f.sync()
-        for i in cut:
-            img.bat[i] = fmt.UNUSED_BAT
-        said.append(f"released {len(cut)} block(s) past the new end")
+    # Entries past the (smaller) disk end: released before the size changes when a free entry
+    # reads as zeros, but in a shrinking child a free entry shows the parent, so there only
+    # once the footers cut those bytes away (a grown child clears stale ones past its old end
+    # first: they lie past the end until the size changes).
+    late = img.differencing and size < old
+    if not late:
+        _release_past(img, min(need, -(-old // B)), said)
     if size > old:
         last = (old - 1) // B
         rel = old - last * B
@@ -174,6 +184,8 @@ def _resize_sparse(img: SparseVhd, requested: int, ensure_zero: Callable[[int], 
     f.sync()
     f.pwrite(new, 0)
     f.sync()
+    if late:
+        _release_past(img, need, said)
     if need < img.header.max_table_entries:  # exact BAT length (Azure wants it)
         img.header.max_table_entries = need
         f.pwrite(img.header.pack(), img.footer.data_offset)
