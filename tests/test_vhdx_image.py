@@ -373,6 +373,29 @@ def test_block_data_past_end_of_file(tmp_path):
 
 
 @needs_root
+@pytest.mark.parametrize("kind", ["fixed", "dynamic"])
+def test_bat_region_cut_refused_by_every_command(tmp_path, kind):
+    """A file cut inside its BAT region: info, check, mount and mount -w each say why in one
+    line and exit 3 (a mount used to start, then exit 1 with only the daemon's last log line),
+    and the file is unchanged."""
+    b = w.build_vhdx(4 * MiB, block_size=MiB, kind=kind, blocks={0: b"\x01" * MiB})
+    p = tmp_path / "t.vhdx"
+    p.write_bytes(bytes(b.data[:w.BAT_OFFSET + 4096]))
+    digest = sha_file(p)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for args in (["info", p], ["check", p], ["mount", p, mnt], ["mount", "-w", p, mnt]):
+        res = cli(*args)
+        assert res.returncode == 3, (args, res.returncode, res.stdout, res.stderr)
+        assert res.stderr.splitlines() == [
+            f"vhdfs: {p}: region table: BAT region at {w.BAT_OFFSET} length {MiB} ends past the "
+            f"end of the file ({w.BAT_OFFSET + 4096} bytes; truncated?)"
+        ], args
+        assert not os.path.ismount(mnt)
+    assert sha_file(p) == digest
+
+
+@needs_root
 def test_fuse_dirty_data_pages_and_rw_mount(tmp_path):
     """Replayed payload pages reach FUSE readers through the memfd; a -w mount writes through
     the log and leaves a clean file."""
