@@ -199,6 +199,39 @@ def build_chain(tmp: Path, logical: int) -> tuple[Path, bytes, list[Path]]:
 
 
 @pytest.mark.parametrize("logical", [512, 4096])
+def test_maps_without_io_is_true_only_when_mapping_reads_nothing(tmp_path, logical):
+    """``maps_without_io`` (which lets a trio front end map on its event loop) is True only
+    when the BAT page and, for a PARTIALLY_PRESENT block, the sector-bitmap pages are cached:
+    mapping then reads nothing. Once mapped, a range maps without I/O."""
+    top, _expect, _ = build_chain(tmp_path, logical)
+    rnd = random.Random(7)
+    with open_image(top) as img:
+        reads = [0]
+        for layer in img.chain:
+            for cache in (layer.bat, layer.bitmaps):
+                real = cache.pread
+                cache.pread = lambda n, o, real=real: (reads.__setitem__(0, reads[0] + 1), real(n, o))[1]
+        said_no = 0
+        # partial block 0 mapped, then its bitmap page evicted (its BAT pages stay): that range
+        # must say False again; later ranges evict bitmap pages at random
+        ranges = [(0, 4096), (0, 4096)]
+        for _ in range(300):
+            off = rnd.randrange(img.size - 1)
+            ranges.append((off, min(img.size - off, rnd.choice([1, 512, 4096, 70_000, MiB, 3 * MiB]))))
+        for i, (off, n) in enumerate(ranges):
+            for layer in img.chain:
+                if i == 1 or rnd.random() < 0.2:
+                    layer.bitmaps.pages.clear()
+                before = reads[0]
+                cached = layer.maps_without_io(off, n)
+                list(layer.map_layer(off, n))
+                assert not cached or reads[0] == before, (layer.path, off, n)
+                said_no += not cached
+                assert layer.maps_without_io(off, n), (layer.path, off, n)
+        assert said_no >= len(img.chain)              # a fresh open has nothing cached
+
+
+@pytest.mark.parametrize("logical", [512, 4096])
 def test_chain_of_three(tmp_path, logical):
     top, expect, parents = build_chain(tmp_path, logical)
     hashes = [sha_file(p) for p in [top, *parents]]
