@@ -199,6 +199,39 @@ def build_chain(tmp: Path, logical: int) -> tuple[Path, bytes, list[Path]]:
 
 
 @pytest.mark.parametrize("logical", [512, 4096])
+def test_maps_without_io_is_true_only_when_mapping_reads_nothing(tmp_path, logical):
+    """``maps_without_io`` (which lets a trio front end map on its event loop) is True only
+    when the BAT page and, for a PARTIALLY_PRESENT block, the sector-bitmap pages are cached:
+    mapping then reads nothing. Once mapped, a range maps without I/O."""
+    top, _expect, _ = build_chain(tmp_path, logical)
+    rnd = random.Random(7)
+    with open_image(top) as img:
+        reads = [0]
+        for layer in img.chain:
+            for cache in (layer.bat, layer.bitmaps):
+                real = cache.pread
+                cache.pread = lambda n, o, real=real: (reads.__setitem__(0, reads[0] + 1), real(n, o))[1]
+        said_no = 0
+        # partial block 0 mapped, then its bitmap page evicted (its BAT pages stay): that range
+        # must say False again; later ranges evict bitmap pages at random
+        ranges = [(0, 4096), (0, 4096)]
+        for _ in range(300):
+            off = rnd.randrange(img.size - 1)
+            ranges.append((off, min(img.size - off, rnd.choice([1, 512, 4096, 70_000, MiB, 3 * MiB]))))
+        for i, (off, n) in enumerate(ranges):
+            for layer in img.chain:
+                if i == 1 or rnd.random() < 0.2:
+                    layer.bitmaps.pages.clear()
+                before = reads[0]
+                cached = layer.maps_without_io(off, n)
+                list(layer.map_layer(off, n))
+                assert not cached or reads[0] == before, (layer.path, off, n)
+                said_no += not cached
+                assert layer.maps_without_io(off, n), (layer.path, off, n)
+        assert said_no >= len(img.chain)              # a fresh open has nothing cached
+
+
+@pytest.mark.parametrize("logical", [512, 4096])
 def test_chain_of_three(tmp_path, logical):
     top, expect, parents = build_chain(tmp_path, logical)
     hashes = [sha_file(p) for p in [top, *parents]]
@@ -370,6 +403,29 @@ def test_block_data_past_end_of_file(tmp_path):
             img.read(MiB, 8192)
         assert any("block 1" in f.text and f.severity.value == "error" for f in img.check())
     assert cli("check", p).returncode == 1
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["fixed", "dynamic"])
+def test_bat_region_cut_refused_by_every_command(tmp_path, kind):
+    """A file cut inside its BAT region: info, check, mount and mount -w each say why in one
+    line and exit 3 (a mount used to start, then exit 1 with only the daemon's last log line),
+    and the file is unchanged."""
+    b = w.build_vhdx(4 * MiB, block_size=MiB, kind=kind, blocks={0: b"\x01" * MiB})
+    p = tmp_path / "t.vhdx"
+    p.write_bytes(bytes(b.data[:w.BAT_OFFSET + 4096]))
+    digest = sha_file(p)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for args in (["info", p], ["check", p], ["mount", p, mnt], ["mount", "-w", p, mnt]):
+        res = cli(*args)
+        assert res.returncode == 3, (args, res.returncode, res.stdout, res.stderr)
+        assert res.stderr.splitlines() == [
+            f"vhdfs: {p}: region table: BAT region at {w.BAT_OFFSET} length {MiB} ends past the "
+            f"end of the file ({w.BAT_OFFSET + 4096} bytes; truncated?)"
+        ], args
+        assert not os.path.ismount(mnt)
+    assert sha_file(p) == digest
 
 
 @needs_root

@@ -285,6 +285,68 @@ def test_entries_carry_sequence_tail_and_file_offsets(tmp_path: Path) -> None:
     f.close()
 
 
+def _data_not_synced_before_an_entry(ops: list[tuple[str, int, bytes]], lay: vlayout.VhdxLayout,
+                                     data: object) -> list[tuple[int, int]]:
+    """(data write, log entry write) pairs with no fdatasync between them: an entry that may
+    reach the disk before the data it makes visible (a crash then shows garbage as disk data).
+    ``data(offset)`` says which writes are data; entries are writes into the log region."""
+    log = range(lay.log_offset, lay.log_offset + lay.log_length)
+    bad, unsynced = [], []
+    for i, (kind, off, _) in enumerate(ops):
+        if kind == "s":
+            unsynced = []
+        elif kind == "w" and off in log:
+            bad += [(j, i) for j in unsynced]
+        elif kind == "w" and data(off):
+            unsynced.append(i)
+    return bad
+
+
+def test_commit_syncs_the_data_before_writing_its_entry(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``commit`` (flush_data=True, the default): a data block written just before is durable
+    before the log entry whose BAT page points at it is written (step 1 of the protocol)."""
+    path = _make(tmp_path)
+    f, lay, w = _open(path)
+    rec = Recorder(path)
+    rec.install(monkeypatch)
+    at = -(-f.size() // MiB) * MiB
+    f.pwrite(b"\x5a" * MiB, at)                          # block 0's data, past the old end
+    page = bytearray(f.pread(PAGE, lay.bat_offset))
+    page[0:8] = ((at >> 20) << 20 | spec.PAYLOAD_FULLY_PRESENT).to_bytes(8, "little")
+    w.commit({lay.bat_offset: bytes(page)})
+    monkeypatch.undo()
+    log = range(lay.log_offset, lay.log_offset + lay.log_length)
+    assert rec.ops[0][:2] == ("w", at) and any(k == "w" and o in log for k, o, _ in rec.ops)
+    assert _data_not_synced_before_an_entry(rec.ops, lay, lambda o: o >= at) == []
+    w.close()
+    f.close()
+
+
+def test_image_writes_sync_data_before_every_entry(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same rule through the image driver (``Image.commit`` syncs, then the journal logs with
+    flush_data=False): every payload write is durable before any later log entry is written."""
+    from vhdfs.block import open_image
+    path = _make(tmp_path)
+    with open_image(path) as img:
+        lay = img.layout
+    end = max(lay.bat_offset + lay.bat_length, lay.metadata_offset + lay.metadata_length,
+              lay.log_offset + lay.log_length)
+    rec = Recorder(path)
+    rec.install(monkeypatch)
+    rnd = random.Random(4)
+    with open_image(path, writable=True) as img:
+        for i in range(40):
+            img.write(rnd.randrange(60) * MiB + rnd.randrange(MiB - 9000), rnd.randbytes(9000))
+            if i % 7 == 6:
+                img.flush()
+    monkeypatch.undo()
+    log = range(lay.log_offset, lay.log_offset + lay.log_length)
+    assert sum(1 for k, o, _ in rec.ops if k == "w" and o in log) >= 6      # several commits
+    assert _data_not_synced_before_an_entry(rec.ops, lay, lambda o: o >= end) == []
+
+
 def test_refusals(tmp_path: Path) -> None:
     path = _make(tmp_path)
     f, lay, w = _open(path)

@@ -179,6 +179,17 @@ def _b_truncated_below_flushed(d, c):
     return err(d / "disk.vhdx")
 
 
+def _b_fixed_cut_in_bat(d, c):
+    b = vw.build_vhdx(VHDX_SIZE, kind="fixed")
+    (d / "disk.vhdx").write_bytes(bytes(b.data[:vw.BAT_OFFSET + 4096]))  # cut inside the BAT
+    return err(d / "disk.vhdx")
+
+
+def _b_dynamic_cut_in_bat(d, c):
+    (d / "disk.vhdx").write_bytes(bytes(_built().data[:vw.BAT_OFFSET + 100]))
+    return err(d / "disk.vhdx")
+
+
 def _b_locator_no_linkage(d, c):
     _chain(d, _locator(parent_linkage=None))
     return err(d / "child.vhdx")
@@ -254,6 +265,14 @@ VHDX_CASES: list[Case] = [
        check_finds=("log: replayed in memory: 1 entries, sequence 1..1",)),
     _x("truncated-below-flushed-offset", _b_truncated_below_flushed, "FormatError",
        ("log entry at offset 0: file is 8388608 bytes, less than FlushedFileOffset 9437184 (truncated)",)),
+    # A BAT region past the end of the file is refused at open, naming the region (not left to
+    # the lazy BAT read, which made a mount start and then fail with no reason shown).
+    _x("fixed-cut-in-bat", _b_fixed_cut_in_bat, "FormatError",
+       ("region table: BAT region at 3145728 length 1048576 ends past the end of the file "
+        "(3149824 bytes; truncated?)",)),
+    _x("dynamic-cut-in-bat", _b_dynamic_cut_in_bat, "FormatError",
+       ("region table: BAT region at 3145728 length 1048576 ends past the end of the file "
+        "(3145828 bytes; truncated?)",)),
     _x("chain-ok", _b_chain_ok, None),
     # parent_linkage is a required key; the driver refuses the parent by id, naming the key, and
     # offers the override (a FormatError naming the locator would be as good).

@@ -21,6 +21,7 @@ from ...errors import FormatError
 
 PAGE = 4096
 ENTRIES_PER_PAGE = PAGE // 8
+_ZERO_PAGE = bytes(PAGE)
 Pread = Callable[[int, int], bytes]
 
 
@@ -183,16 +184,13 @@ class Bat:
                 parts = [
                     x if x is not None else raw[(i) * PAGE : (i + 1) * PAGE] for i, x in enumerate(parts)
                 ]
-            joined = b"".join(x for x in parts if x is not None)
-            if joined.count(0) == len(joined):
-                continue  # all NOT_PRESENT: the common case in a sparse BAT
-            arr = array("Q", joined)
-            if sys.byteorder == "big":
-                arr.byteswap()
-            base = chunk_start * ENTRIES_PER_PAGE
-            limit = self.count - base
-            for i, e in enumerate(arr):
-                if i >= limit:
-                    break
-                if e:
-                    yield base + i, e
+            for q, page in enumerate(parts):
+                if page is None or page == _ZERO_PAGE:
+                    continue  # all NOT_PRESENT: the common case in a sparse BAT, decoded never
+                arr = array("Q", page)
+                if sys.byteorder == "big":
+                    arr.byteswap()
+                base = (chunk_start + q) * ENTRIES_PER_PAGE
+                for i, e in enumerate(arr[: self.count - base]):
+                    if e:
+                        yield base + i, e

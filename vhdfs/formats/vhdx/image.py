@@ -30,7 +30,7 @@ from ...block.image import Image
 from ...block.rawfile import RawFile
 from ...errors import FormatError
 from . import spec
-from .bat import Bat, PageCache
+from .bat import ENTRIES_PER_PAGE, PAGE, Bat, PageCache
 from .bitmap import runs_of
 from .layout import VhdxLayout
 from .log import ReplayPlan
@@ -143,6 +143,35 @@ class VhdxImage(VhdxWriter, Image):  # type: ignore[misc]
         b0, b1 = s0 >> 3, (s1 + 7) >> 3
         raw = self.bitmaps.read(base + b0, b1 - b0)
         return (int.from_bytes(raw, "little") >> (s0 & 7)) & ((1 << (s1 - s0)) - 1)
+
+    def maps_without_io(self, offset: int, length: int) -> bool:
+        """Every BAT page the range needs is cached, and so is every sector-bitmap page of a
+        PARTIALLY_PRESENT block in it: else a trio front end maps in a worker thread, so a cold
+        BAT or bitmap page never blocks the event loop (and every other request) on a read."""
+        B, G, cached = self.block_size, self.geometry, self.bat.pages
+        b, last = offset // B, (offset + max(length, 1) - 1) // B
+        while b <= last:
+            index = G.payload_index(b)
+            page = cached.get(index // ENTRIES_PER_PAGE)
+            if page is None:
+                return False
+            state = page[index % ENTRIES_PER_PAGE] & S.BAT_STATE_MASK
+            if self.differencing and state == S.PAYLOAD_PARTIALLY_PRESENT:
+                if G.bitmap_index(b // G.chunk_ratio) // ENTRIES_PER_PAGE not in cached:
+                    return False
+                try:
+                    base = self.bitmap_location(b)
+                except FormatError:
+                    return True  # map_layer raises the same error, without reading
+                bstart = b * B
+                s0 = (max(offset, bstart) - bstart) // self.sector_size
+                s1 = -(-(min(offset + length, bstart + B) - bstart) // self.sector_size)
+                first, end = base + (s0 >> 3), base + ((s1 + 7) >> 3)
+                pages = self.bitmaps.pages
+                if any(p not in pages for p in range(first - first % PAGE, end, PAGE)):
+                    return False
+            b += 1
+        return True
 
     def map_layer(self, offset: int, length: int) -> Iterator[Extent]:
         assert self.file is not None

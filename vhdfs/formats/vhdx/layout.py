@@ -199,7 +199,16 @@ def _check_regions(
         if r.file_offset < spec.HEADER_AREA_SIZE:
             raise FormatError(f"region table: {name} region inside the first MiB")
         if r.file_offset + r.length > file_size:
-            findings.append(f"region table: {name} region ends past the end of the file")
+            if r.guid not in spec.REGION_NAMES:  # ignored anyway
+                findings.append(f"region table: {name} region ends past the end of the file")
+            else:
+                # Refused at open, not left to a lazy BAT read: a mount would otherwise start,
+                # then fail on its first read with no reason the user sees. (A payload block
+                # past the end stays a read-time error: it makes only that block unreadable.)
+                raise FormatError(
+                    f"region table: {name} region at {r.file_offset} length {r.length} "
+                    f"ends past the end of the file ({file_size} bytes; truncated?)"
+                )
         spans.append((r.file_offset, r.file_offset + r.length, f"{name} region"))
     for g, name in spec.REGION_NAMES.items():
         if g not in known:
