@@ -4,9 +4,10 @@
    all zeros in a dynamic file; in a differencing file the same bytes as the chain below, so an
    all-zero block over parent data stays): its entry becomes NOT_PRESENT (zeros in a dynamic
    file, the parent in a differencing one -- the one state every reader agrees on; libvhdi sends
-   ZERO to the parent too). One commit through the log. Then, in a differencing file, a second
-   commit releases the sector-bitmap blocks of chunks left without a PARTIALLY_PRESENT block
-   (second, so that no log entry can land a bitmap's release before its blocks').
+   ZERO to the parent too). One commit through the log; in a differencing file a second one
+   clears the released blocks' sector-bitmap bits (libvhdi 20260901 reads a NOT_PRESENT block
+   by its bits, from offset 0). Sector-bitmap blocks stay, even unused ones: libvhdi reads the
+   NOT_PRESENT blocks of a chunk without a bitmap as zeros after their first sector.
 2. Pack what is left downwards in file order, 1 MiB aligned, into space that is neither the
    header area, a region nor the log, never over the block's own source: each copy is synced
    *before* its BAT entry moves through the log (``Image.commit``: sync, entry, pages), so a
@@ -25,6 +26,7 @@ from ...block.maintain import releasable
 from ...errors import UnsupportedError
 from . import space
 from . import spec as S
+from .bat import PAGE
 from .image import VhdxImage
 
 
@@ -37,21 +39,21 @@ def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
     img.commit()
     blocks = [a for a in space.allocations(img) if not _is_bitmap(img, a[2])]
     total, done = 2 * len(blocks), 0
-    freed = 0
+    released: list[int] = []
     ratio, B = img.geometry.chunk_ratio, img.block_size
     for _off, _n, i in blocks:
         b = i - i // (ratio + 1)
         if releasable(img, b * B, min(B, img.size - b * B)):
             img.bat[i] = 0
-            freed += 1
+            released.append(i)
         done += 1
         progress(done, total)
     img.commit()
-    said = [f"released {freed} block(s) that read the same without them"]
-    if img.differencing:
-        bitmaps = _release_bitmaps(img)
-        if bitmaps:
-            said.append(f"released {bitmaps} sector bitmap block(s) no block uses")
+    if img.differencing:  # second: the bits go only once no entry needs them
+        for i in released:
+            _clear_bits(img, i - i // (ratio + 1))
+        img.commit()
+    said = [f"released {len(released)} block(s) that read the same without them"]
     moved = _pack(img, lambda n: progress(min(total, done + n), total))
     said.append(f"moved {moved} block(s) down")
     before = space.file_of(img).size()
@@ -62,24 +64,25 @@ def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
     return said
 
 
+def _clear_bits(img: VhdxImage, block: int) -> None:
+    """Clear a released block's sector-bitmap bits (libvhdi reads set bits of a NOT_PRESENT
+    block from offset 0, the file header). A block's bits are whole bytes (>= 256 sectors)."""
+    if img.bat[img.geometry.bitmap_index(block // img.geometry.chunk_ratio)] & 7 != S.SB_PRESENT:
+        return
+    start = img.bitmap_location(block)
+    end = start + img.sectors_per_block // 8
+    while start < end:
+        page_off = start - start % PAGE
+        page = bytearray(img.bitmaps.get(page_off))
+        stop = min(end, page_off + PAGE)
+        if any(page[start - page_off : stop - page_off]):
+            page[start - page_off : stop - page_off] = bytes(stop - start)
+            img.bitmaps.put(page_off, page)
+        start = stop
+
+
 def _is_bitmap(img: VhdxImage, index: int) -> bool:
     return (index + 1) % (img.geometry.chunk_ratio + 1) == 0
-
-
-def _release_bitmaps(img: VhdxImage) -> int:
-    ratio = img.geometry.chunk_ratio
-    partial = {
-        i // (ratio + 1)
-        for _o, _n, i in space.allocations(img)
-        if not _is_bitmap(img, i) and img.bat[i] & S.BAT_STATE_MASK == S.PAYLOAD_PARTIALLY_PRESENT
-    }
-    n = 0
-    for _o, _n, i in space.allocations(img):
-        if _is_bitmap(img, i) and i // (ratio + 1) not in partial:
-            img.bat[i] = 0
-            n += 1
-    img.commit()
-    return n
 
 
 def _pack(img: VhdxImage, tick: Callable[[int], None]) -> int:

@@ -3,8 +3,8 @@
 The size is rounded up to whole logical sectors. The BAT's entry count follows from the size
 (``spec.bat_geometry``: a payload entry per block, a sector-bitmap entry every chunk ratio),
 and an entry's index does not depend on the size, so growing only appends entries. A
-differencing file is refused as in VHD and VDI: it has its parent's size, and vhdfs refuses a
-chain whose sizes differ.
+differencing file is refused before anything is written (``tools/maintain.py``, for every
+format): it has its parent's size, and vhdfs refuses a chain whose sizes differ.
 
 Crash order (every prefix opens with the old or the new size and the same content):
 
@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 
 from ...block.image import Image
-from ...errors import UnsupportedError, UsageError
+from ...errors import UsageError
 from . import space
 from . import spec as S
 from .bat import PAGE
@@ -34,13 +34,7 @@ from .image import VhdxImage
 
 
 def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> list[str]:
-    assert isinstance(img, VhdxImage)
-    if img.differencing:
-        raise UnsupportedError(
-            "a differencing VHDX has its parent's size: resize the base image "
-            "(vhdfs refuses a chain whose sizes differ)",
-            img.path,
-        )
+    assert isinstance(img, VhdxImage)  # a differencing one: tools/maintain.py refuses
     SS = img.sector_size
     size = -(-requested // SS) * SS
     said = [f"rounded up to {size} bytes (whole {SS}-byte sectors)"] if size != requested else []
