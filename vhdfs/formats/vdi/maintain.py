@@ -48,13 +48,7 @@ def _fields(f: RawFile, h: fmt.VdiHeader) -> None:
 
 def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> list[str]:
     assert isinstance(img, VdiImage)
-    h, f, bs = img.header, img.file, img.block_size
-    if img.diff:
-        raise UnsupportedError(
-            "a differencing VDI has its parent's size: resize the base image "
-            "(vhdfs refuses a chain whose sizes differ)",
-            img.path,
-        )
+    h, f, bs = img.header, img.file, img.block_size  # a differencing one: tools/maintain.py refuses
     size = -(-requested // fmt.SECTOR) * fmt.SECTOR
     said = [f"rounded up to {size} bytes (whole sectors)"] if size != requested else []
     old = img.size

@@ -101,13 +101,7 @@ def _new_footer(footer: fmt.Footer, size: int, geom: tuple[int, int, int]) -> fm
 def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> list[str]:
     if isinstance(img, FixedVhd):
         return _resize_fixed(img, requested, ensure_zero)
-    assert isinstance(img, SparseVhd)
-    if img.differencing:
-        raise UnsupportedError(
-            "a differencing VHD has its parent's size: resize the base image "
-            "(vhdfs refuses a chain whose sizes differ)",
-            img.path,
-        )
+    assert isinstance(img, SparseVhd)  # a differencing one: refused by tools/maintain.py
     return _resize_sparse(img, requested, ensure_zero)
 
 
