@@ -77,8 +77,8 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
         space.patch(
             logged, lambda o: read(o).ljust(PAGE, b"\0"), bat_off + 8 * first, space.entries_bytes(values)
         )
-        for off in [o for o in logged if not live[0] <= o < live[1]]:
-            f.pwrite(logged.pop(off), off)  # not live yet: straight to the file
+        direct = {o: logged.pop(o) for o in sorted(logged) if not live[0] <= o < live[1]}
+        space.write_changed(f, direct)  # not live yet: straight to the file
         if fixed and size > old:
             f.truncate(max(f.size(), S.bat_offset(values[-1]) + B))
             said.append(f"{G.payload_blocks - img.geometry.payload_blocks} new block(s) allocated")

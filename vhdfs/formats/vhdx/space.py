@@ -83,6 +83,23 @@ def entries_bytes(values: list[int]) -> bytes:
     return struct.pack(f"<{len(values)}Q", *values)
 
 
+def write_changed(f: RawFile, pages: dict[int, bytes]) -> None:
+    """Write the pages that differ from the file, contiguous ones in one pwrite (a new BAT
+    region past the old end of the file already reads as the zeros most of it holds)."""
+    run_at, run = 0, bytearray()
+    for off in sorted(pages):
+        same = pages[off] == f.pread(PAGE, off).ljust(PAGE, b"\0")
+        if run and (same or off != run_at + len(run)):
+            f.pwrite(bytes(run), run_at)
+            run = bytearray()
+        if not same:
+            if not run:
+                run_at = off
+            run += pages[off]
+    if run:
+        f.pwrite(bytes(run), run_at)
+
+
 def commit_pages(img: VhdxImage, pages: dict[int, bytes], read: Callable[[int], bytes]) -> None:
     """Log ``pages`` (unchanged ones dropped) in one entry, or in several when too many: each
     entry lands on its own, so a caller passes only pages whose order does not matter."""
