@@ -47,29 +47,38 @@ QEMU = shutil.which("qemu-img")
 BIG = "+200G"  # past the 131072 entries a 1 MiB BAT region holds (1 MiB blocks)
 
 
-def make(kind: str, tmp: Path, sector: int = 512, block_size: int = MiB) -> tuple[Path, bytearray, Path | None]:
+def make(
+    kind: str, tmp: Path, sector: int = 512, block_size: int = MiB
+) -> tuple[Path, bytearray, Path | None]:
     """An image of ``kind`` with data (and all-zero blocks compact can release), its shadow, its parent."""
     rng = random.Random(f"{kind}{sector}")
     parent = None
     if kind == "differencing":
         parent = tmp / "base.vhdx"
-        create_image(str(parent), format="vhdx", type="dynamic", size=SIZE, block_size=block_size,
-                     sector_size=sector)
+        create_image(
+            str(parent), format="vhdx", type="dynamic", size=SIZE, block_size=block_size, sector_size=sector
+        )
         with open_image(parent, writable=True) as img:
             img.write(0, rng.randbytes(SIZE))
     path = tmp / ("child.avhdx" if parent else f"{kind}.vhdx")
-    create_image(str(path), format="vhdx", type=kind, size=None if parent else SIZE,
-                 block_size=block_size, sector_size=None if parent else sector,
-                 parent=str(parent) if parent else None)
+    create_image(
+        str(path),
+        format="vhdx",
+        type=kind,
+        size=None if parent else SIZE,
+        block_size=block_size,
+        sector_size=None if parent else sector,
+        parent=str(parent) if parent else None,
+    )
     with open_image(path, writable=True) as img:
         if parent is not None:
-            img.write(2 * MiB, img.read(2 * MiB, MiB))           # the parent's bytes: released
-            img.write(4 * MiB + 32768, rng.randbytes(65536))      # PARTIALLY_PRESENT
-            img.write(9 * MiB, bytes(MiB))                        # zeros over parent data: stay
+            img.write(2 * MiB, img.read(2 * MiB, MiB))  # the parent's bytes: released
+            img.write(4 * MiB + 32768, rng.randbytes(65536))  # PARTIALLY_PRESENT
+            img.write(9 * MiB, bytes(MiB))  # zeros over parent data: stay
             img.write(12 * MiB, rng.randbytes(MiB))
             img.write(12 * MiB, img.backing.read(12 * MiB, MiB))  # back to the parent's: released
         else:
-            img.write(MiB, bytes(MiB))                            # zeros: compact releases them
+            img.write(MiB, bytes(MiB))  # zeros: compact releases them
             img.write(6 * MiB, bytes(2 * MiB))
             for off in (0, 3 * MiB + 32768, 10 * MiB + 5000, SIZE - 32768):
                 img.write(off, rng.randbytes(32768))
@@ -103,8 +112,9 @@ def oracles(path: Path, size: int, prefix: bytes | bytearray, tmp: Path, parent:
     n = min(size, len(prefix))
     tail = (max(n, size - MiB), size)
     if QEMU and parent is None and _sector(path) == 512:
-        info = subprocess.run([QEMU, "info", "-f", "vhdx", "--output=json", str(path)],
-                              capture_output=True, text=True)
+        info = subprocess.run(
+            [QEMU, "info", "-f", "vhdx", "--output=json", str(path)], capture_output=True, text=True
+        )
         assert info.returncode == 0, info.stderr
         assert json.loads(info.stdout)["virtual-size"] == size
         res = subprocess.run([QEMU, "check", "-f", "vhdx", str(path)], capture_output=True, text=True)
@@ -112,8 +122,11 @@ def oracles(path: Path, size: int, prefix: bytes | bytearray, tmp: Path, parent:
         if size <= 64 * MiB:
             raw = tmp / "shadow.raw"
             raw.write_bytes(bytes(prefix[:n]) + bytes(size - n))
-            res = subprocess.run([QEMU, "compare", "-f", "vhdx", "-F", "raw", str(path), str(raw)],
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                [QEMU, "compare", "-f", "vhdx", "-F", "raw", str(path), str(raw)],
+                capture_output=True,
+                text=True,
+            )
             assert res.returncode == 0, res.stdout + res.stderr
     if DissectVHDX is not None:
         v = DissectVHDX(path)
@@ -213,7 +226,7 @@ def test_shrink_only_zeros(kind: str, sector: int, tmp_path: Path) -> None:
     oracles(path, SIZE, shadow, tmp_path)
     with open_image(path, writable=True) as img:  # cut to a block boundary: a short last block
         img.write(SIZE - 32768, bytes(32768))
-    shadow[SIZE - 32768:] = bytes(32768)
+    shadow[SIZE - 32768 :] = bytes(32768)
     resize_image(str(path), str(18 * MiB), parse_size)
     reads_as(path, 18 * MiB, shadow)
     oracles(path, 18 * MiB, shadow, tmp_path)
@@ -297,8 +310,13 @@ def test_compact_fixed_refused(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vhdfs", *args], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "vhdfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
 
 
 def test_cli_resize_and_compact(tmp_path: Path) -> None:

@@ -15,13 +15,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_maintain_crash import _apply, _states
-from test_vhdx_maintain import BIG, SIZE, make, tail_is_zero
 from vhdfs.block import open_image
 from vhdfs.block.driver import Severity
 from vhdfs.cli.create import parse_size
 from vhdfs.tools.check import check_image
 from vhdfs.tools.maintain import compact_image, repair_image, resize_image
+
+from test_maintain_crash import _apply, _states
+from test_vhdx_maintain import BIG, SIZE, make, tail_is_zero
 from writelog import WriteLog
 
 MiB = 1024 * 1024
