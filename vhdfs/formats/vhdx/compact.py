@@ -12,13 +12,16 @@
    header area, a region nor the log, never over the block's own source: each copy is synced
    *before* its BAT entry moves through the log (``Image.commit``: sync, entry, pages), so a
    kill leaves either copy in use, both intact.
-3. A clean log close, then the file cut after the last thing in use.
+3. The BAT region moved down the same way when free space below it holds it (a grow may have
+   put it at the end of the file): copied, synced, then both region tables in one log entry.
+4. A clean log close, then the file cut after the last thing in use.
 
 A second run after a kill finishes the job: it only ever looks at what the file says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from ...block.image import Image
@@ -56,12 +59,40 @@ def compact(img: Image, progress: Callable[[int, int], None]) -> list[str]:
     said = [f"released {len(released)} block(s) that read the same without them"]
     moved = _pack(img, lambda n: progress(min(total, done + n), total))
     said.append(f"moved {moved} block(s) down")
+    bat = _move_bat_down(img)
+    if bat:
+        said.append(bat)
     before = space.file_of(img).size()
     end = space.used_end(img, [(o, n) for o, n, _i in space.allocations(img)])
     if space.close_and_cut(img, end):
         said.append(f"file {before} → {end} bytes")
     progress(total, total)
     return said
+
+
+def _move_bat_down(img: VhdxImage) -> str:
+    """The BAT region into the lowest free space below it (a grow put it at the end of the
+    file): copied and synced, then both region tables switch in one log entry."""
+    L, f = img.layout, space.file_of(img)
+    old, length = L.bat_offset, L.bat_length
+    taken = [(s, e) for s, e, n in img._reserved_spans() if n != "BAT region"]
+    taken += [(o, o + n) for o, n, _i in space.allocations(img)]
+    at = S.HEADER_AREA_SIZE
+    while at + length <= old and space.overlaps(at, at + length, taken):
+        at = -(-max(e for s, e in taken if s < at + length and e > at) // S.MiB) * S.MiB
+    if at + length > old:
+        return ""
+    space.copy(img, old, at, length)
+    pages: dict[int, bytes] = {}
+
+    def read(off: int) -> bytes:
+        return f.pread(PAGE, off)
+
+    space.region_tables(img, at, length, pages, read)
+    space.commit_pages(img, pages, read)  # synced first: the copy is durable
+    L.regions = [dataclasses.replace(r, file_offset=at) if r.guid == S.BAT_REGION else r for r in L.regions]
+    L.bat_offset = img.bat.offset = at
+    return f"BAT region moved down from {old} to {at}"
 
 
 def _clear_bits(img: VhdxImage, block: int) -> None:

@@ -21,8 +21,6 @@ Crash order (every prefix opens with the old or the new size and the same conten
 
 from __future__ import annotations
 
-import dataclasses
-import struct
 from collections.abc import Callable
 
 from ...block.image import Image
@@ -87,7 +85,7 @@ def resize(img: Image, requested: int, ensure_zero: Callable[[int], None]) -> li
     item = next(e for e in L.metadata_entries if e.item_id == S.VIRTUAL_DISK_SIZE)
     space.patch(final, read, L.metadata_offset + item.offset, S.pack_u64(size))
     if moved:
-        _region_tables(img, bat_off, need_len, final, read)
+        space.region_tables(img, bat_off, need_len, final, read)
     space.commit_pages(img, final, read)
     if size < old:
         left = [(o, n) for o, n, i in blocks if i < G.entry_count]
@@ -140,23 +138,3 @@ def _new_bat_region(img: VhdxImage, need_len: int, blocks: list[tuple[int, int, 
     f.truncate(target + need_len)
     space.copy(img, L.bat_offset, target, L.bat_length)
     return target, f"BAT region moved from {L.bat_offset} to {target} ({need_len} bytes)"
-
-
-def _region_tables(
-    img: VhdxImage, bat_off: int, bat_len: int, pages: dict[int, bytes], read: Callable[[int], bytes]
-) -> None:
-    """Both region tables naming the new BAT region, built on the valid copy's bytes."""
-    L = img.layout
-    regions = [
-        dataclasses.replace(r, file_offset=bat_off, length=bat_len) if r.guid == S.BAT_REGION else r
-        for r in L.regions
-    ]
-    good = S.REGION_TABLE1_OFFSET if L.region_table_slot == 1 else S.REGION_TABLE2_OFFSET
-    raw = bytearray(space.file_of(img).pread(S.REGION_TABLE_SIZE, good))
-    head = S.pack_region_table(regions)[: 16 + 32 * len(regions)]
-    raw[: len(head)] = head
-    struct.pack_into("<I", raw, 4, S.checksum_with_field_zeroed(bytes(raw), 4))
-    for at in (S.REGION_TABLE1_OFFSET, S.REGION_TABLE2_OFFSET):
-        space.patch(pages, read, at, bytes(raw[:PAGE]))
-        if raw[PAGE:] != space.file_of(img).pread(S.REGION_TABLE_SIZE - PAGE, at + PAGE):
-            space.patch(pages, read, at + PAGE, bytes(raw[PAGE:]))

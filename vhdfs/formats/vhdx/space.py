@@ -11,6 +11,7 @@ file shorter than that.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 
@@ -121,3 +122,23 @@ def close_and_cut(img: VhdxImage, end: int) -> bool:
     f.sync()
     img.file_size = end
     return True
+
+
+def region_tables(
+    img: VhdxImage, bat_off: int, bat_len: int, pages: dict[int, bytes], read: Callable[[int], bytes]
+) -> None:
+    """Both region tables naming the new BAT region, built on the valid copy's bytes."""
+    L = img.layout
+    regions = [
+        dataclasses.replace(r, file_offset=bat_off, length=bat_len) if r.guid == S.BAT_REGION else r
+        for r in L.regions
+    ]
+    good = S.REGION_TABLE1_OFFSET if L.region_table_slot == 1 else S.REGION_TABLE2_OFFSET
+    raw = bytearray(file_of(img).pread(S.REGION_TABLE_SIZE, good))
+    head = S.pack_region_table(regions)[: 16 + 32 * len(regions)]
+    raw[: len(head)] = head
+    struct.pack_into("<I", raw, 4, S.checksum_with_field_zeroed(bytes(raw), 4))
+    for at in (S.REGION_TABLE1_OFFSET, S.REGION_TABLE2_OFFSET):
+        patch(pages, read, at, bytes(raw[:PAGE]))
+        if raw[PAGE:] != file_of(img).pread(S.REGION_TABLE_SIZE - PAGE, at + PAGE):
+            patch(pages, read, at + PAGE, bytes(raw[PAGE:]))
