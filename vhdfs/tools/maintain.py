@@ -1,11 +1,13 @@
 """Whole-image maintenance shared by every format: resize, compact, repair.
 
-What is the same for VHD, VDI and (soon) VHDX lives here: the size argument (absolute or
+What is the same for VHD, VDI and VHDX lives here: the size argument (absolute or
 ``+N``/``-N``), the refusals (an image another process holds, a known differencing child, a
-format without the hook), the rule that a shrink cuts only bytes that read as zero (naming the
-first offset that holds data), and opening/closing the image around the driver's hook. Each
-driver only knows its own on-disk steps (``Driver.resize``/``compact``/``repair``), each written
-so that a kill between any two writes leaves an image that reads the same.
+format without the hook, a differencing image: it has its parent's size), the rule that a
+shrink cuts only bytes that read as zero (naming the first offset that holds data; checked on
+a read-only open first, since a writable open may already write, as VHDX's header update),
+and opening/closing the image around the driver's hook. Each driver only knows its own on-disk
+steps (``Driver.resize``/``compact``/``repair``), each written so that a kill between any two
+writes leaves an image that reads the same.
 """
 
 from __future__ import annotations
@@ -129,6 +131,17 @@ def grow_open(img: Image, target: int) -> list[str]:
     return result
 
 
+def _refuse_data(path: str, img: Image, cut_to: int) -> None:
+    """A shrink to ``cut_to`` cuts only bytes that read as zeros; else the first other one named."""
+    hit = first_nonzero(img, cut_to, img.size)
+    if hit is not None:
+        raise UsageError(
+            f"cannot shrink to {cut_to} bytes: offset {hit} holds data "
+            f"(everything from {cut_to} to {img.size} must read as zeros)",
+            path,
+        )
+
+
 def resize_image(
     path: str,
     size_text: str,
@@ -141,21 +154,17 @@ def resize_image(
     path = os.path.abspath(path)
     _d, hook = _hook(path, "resize")
     _refuse_children(path, force, "changing its size")
+    with open_image(path, **(open_kw or {})) as ro:  # refuse before any write:
+        old = ro.size  # a writable VHDX open rewrites its headers
+        target = new_size(size_text, old, parse)
+        _refuse_data(path, ro, target)
+        _refuse_parent_tail(ro, old, target)
     img = _open_writable(path, **(open_kw or {}))
     try:
-        old = img.size
-        target = new_size(size_text, old, parse)
 
         def ensure_zero(cut_to: int) -> None:
-            hit = first_nonzero(img, cut_to, old)
-            if hit is not None:
-                raise UsageError(
-                    f"cannot shrink to {cut_to} bytes: offset {hit} holds data "
-                    f"(everything from {cut_to} to {old} must read as zeros)",
-                    path,
-                )
+            _refuse_data(path, img, cut_to)
 
-        _refuse_parent_tail(img, old, target)
         done = hook(img, target, ensure_zero)
     finally:
         img.close()

@@ -4,8 +4,9 @@ The pure layer (``spec``/``logspec`` structures, ``log`` replay planning, ``layo
 parsing) reads bytes and never writes; ``image.VhdxImage`` maps virtual offsets (``bat``,
 ``bitmap``), ``overlay`` replays a dirty log in memory for read-only opens, ``write`` holds the
 write path (its headers and log through ``journal`` onto ``wal.VhdxLog``), ``parent``
-finds and checks parents. ``open_layer`` below only reads until a
-writable open has chosen the header: a failed open leaves the file untouched.
+finds and checks parents; ``resize`` and ``compact`` (over ``space``) are the maintenance
+hooks. ``open_layer`` below only reads until a writable open has chosen the header: a failed
+open leaves the file untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ...block.driver import CERTAIN, NO, Driver, ProbeData
 from ...block.image import Image, OpenOptions
 from ...block.rawfile import RawFile, open_layer_file
 from . import spec
+from .compact import compact
 from .create import LIMITS, create_from_spec
 from .image import VhdxImage
 from .journal import Journal
@@ -24,6 +26,7 @@ from .layout import VhdxLayout, open_layout
 from .log import ReplayPlan
 from .overlay import ReplayOverlay
 from .parent import parent_ref
+from .resize import resize
 
 SUFFIXES = (".vhdx", ".avhdx")
 
@@ -112,6 +115,8 @@ DRIVER = Driver(
     open_layer=open_layer,
     create=create_from_spec,
     limits=LIMITS,
+    resize=resize,
+    compact=compact,
     repair=repair,
 )
 
