@@ -12,7 +12,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .. import __version__
@@ -67,8 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="vhdfs: %(levelname)s: %(message)s"
     )
+    return reporting(args, lambda: args.func(args))
+
+
+def reporting(args: argparse.Namespace, func: Callable[[], int | None]) -> int:
+    """``func()``'s exit code, its error as one ``vhdfs:`` line and that error's exit code.
+
+    ``main`` runs every command through it, and a forked daemon (``mount``) its serving.
+    """
     try:
-        return int(args.func(args) or 0)
+        return int(func() or 0)
     except VhdfsError as exc:
         if args.debug:
             raise
@@ -154,4 +162,4 @@ def open_from_args(
     )
 
 
-__all__ = ["UsageError", "add_image_options", "driver_options", "main", "open_from_args"]
+__all__ = ["UsageError", "add_image_options", "driver_options", "main", "open_from_args", "reporting"]
