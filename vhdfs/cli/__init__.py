@@ -52,12 +52,14 @@ def _command_named(argv: list[str]) -> str | None:
     """The subcommand ``argv`` names (the first word that is not an option), if it is one.
 
     Only that command's module is then imported: the daemon (``mount -f``) starts without
-    importing create, convert, commit and their block-layer modules.
+    importing create, convert, commit and their block-layer modules. With no word and no
+    ``--help`` (``vhdfs --version``, a bare ``vhdfs``) that is none of them: "" (the whole
+    parser, every module and so every format, only to print a version took most of its time).
     """
     for arg in argv:
         if not arg.startswith("-"):
             return arg if arg in COMMANDS else None
-    return None
+    return None if any(arg in ("-h", "--help") for arg in argv) else ""
 
 
 def main(argv: list[str] | None = None) -> int:
