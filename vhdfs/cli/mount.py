@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, NoReturn
 
 from ..block.driver import format_names
 from ..errors import UsageError
@@ -199,8 +200,8 @@ def _configure_daemon_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, force=True)
 
 
-def _spawn(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
-    """Open the images, then fork the daemon that serves them; 0 once it serves, else its error."""
+def _spawn(args: argparse.Namespace, images: list[str], mountpoint: str) -> NoReturn:
+    """Open the images, fork the daemon that serves them; exit 0 once it serves, else raise its error."""
     from ..service import state
     from ..service.spawn import fork_daemon
     from . import reporting
@@ -213,4 +214,8 @@ def _spawn(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
         return reporting(args, lambda: _serve(args, files, mountpoint))
 
     fork_daemon(daemon, log_path, mountpoint, abandon=lambda: _abandon(exposed))
-    return 0
+    # The images are the daemon's now: leave without closing them (a writable close would
+    # flush under its feet) and without the interpreter's teardown (~50 ms after READY).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
