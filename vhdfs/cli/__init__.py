@@ -12,7 +12,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .. import __version__
@@ -52,12 +52,14 @@ def _command_named(argv: list[str]) -> str | None:
     """The subcommand ``argv`` names (the first word that is not an option), if it is one.
 
     Only that command's module is then imported: the daemon (``mount -f``) starts without
-    importing create, convert, commit and their block-layer modules.
+    importing create, convert, commit and their block-layer modules. With no word and no
+    ``--help`` (``vhdfs --version``, a bare ``vhdfs``) that is none of them: "" (the whole
+    parser, every module and so every format, only to print a version took most of its time).
     """
     for arg in argv:
         if not arg.startswith("-"):
             return arg if arg in COMMANDS else None
-    return None
+    return None if any(arg in ("-h", "--help") for arg in argv) else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="vhdfs: %(levelname)s: %(message)s"
     )
+    return reporting(args, lambda: args.func(args))
+
+
+def reporting(args: argparse.Namespace, func: Callable[[], int | None]) -> int:
+    """``func()``'s exit code, its error as one ``vhdfs:`` line and that error's exit code.
+
+    ``main`` runs every command through it, and a forked daemon (``mount``) its serving.
+    """
     try:
-        return int(args.func(args) or 0)
+        return int(func() or 0)
     except VhdfsError as exc:
         if args.debug:
             raise
@@ -154,4 +164,4 @@ def open_from_args(
     )
 
 
-__all__ = ["UsageError", "add_image_options", "driver_options", "main", "open_from_args"]
+__all__ = ["UsageError", "add_image_options", "driver_options", "main", "open_from_args", "reporting"]

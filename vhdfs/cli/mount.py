@@ -1,9 +1,11 @@
 """``vhdfs mount``: expose images as raw files; returns only once the files are there.
 
-Without ``--foreground`` every image is opened here first, so bad input fails fast with one line
-and nothing mounted; then the daemon is re-executed detached (``--foreground`` in a new session,
-its stderr to a log file) and this process waits for its ``READY=1`` on a private notify socket
--- the same message systemd waits for -- or for its death, whose last log line it prints.
+Without ``--foreground`` every image is opened and laid out here first, so bad input fails fast
+with one line, its exit code and nothing mounted; then this process forks (trio and pyfuse3 are
+not imported yet) and the child serves those very images, detached (new session, its output to
+a log file), while the parent waits for its ``READY=1`` on a private notify socket -- the same
+message systemd waits for -- or for its death, whose last log line it prints. One Python
+start-up, one import and one open of each image, not two.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..block.driver import format_names
 from ..errors import UsageError
 from . import add_image_options, driver_options, open_from_args
 
 if TYPE_CHECKING:
-    from ..aio.export import Exposed
+    from ..aio.export import Export, Exposed
     from ..block.image import Image
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     images, mountpoint = _split(args)
     check_mountpoint(mountpoint)
     if args.foreground:
-        return _serve(args, images, mountpoint)
-    _validate(args, images)
+        _configure_daemon_logging(args.debug)
+        return _serve(args, _expose(args, images)[1], mountpoint)
     return _spawn(args, images, mountpoint)
 
 
@@ -131,24 +133,6 @@ def _open(args: argparse.Namespace, path: str, writable: bool) -> Image:
     return open_from_args(args, path, writable, format=None if args.format == "auto" else args.format)
 
 
-def _validate(args: argparse.Namespace, images: list[str]) -> None:
-    """Open every image as the daemon will (and lay out the files), then close them again."""
-    from ..aio.export import Exposed, build_exports
-    from ..service.snapshot import check_can_snapshot, stem
-
-    opened = []
-    try:
-        for path in images:
-            img = _open(args, path, args.rw)
-            opened.append(Exposed(stem(path), img, args.rw))
-            if args.snapshot:
-                check_can_snapshot(img)
-        build_exports(opened, partitions=not args.no_partitions)
-    finally:
-        for ex in opened:
-            ex.image.close()
-
-
 def _snapshot(args: argparse.Namespace, path: str) -> Exposed:
     """Create the differencing child over ``path``'s chain and open it writable."""
     from ..aio.export import Exposed
@@ -167,13 +151,14 @@ def _snapshot(args: argparse.Namespace, path: str) -> Exposed:
     return Exposed(stem(path), snap.image, True, temp_child=snap.temp_child, snapshot=True)
 
 
-def _serve(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
-    """The daemon itself: open, lay out, serve until unmounted."""
+def _expose(args: argparse.Namespace, images: list[str]) -> tuple[list[Exposed], list[Export]]:
+    """Open every image (a snapshot child over it with ``--snapshot``) and lay out its files.
+
+    All or none stay open: a bad image or partition table fails here, before anything mounts.
+    """
     from ..aio.export import Exposed, build_exports
-    from ..fs.daemon import serve
     from ..service.snapshot import stem
 
-    _configure_daemon_logging(args.debug)
     exposed: list[Exposed] = []
     try:
         for path in images:
@@ -183,11 +168,23 @@ def _serve(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
                 exposed.append(Exposed(stem(path), _open(args, path, args.rw), args.rw))
         files = build_exports(exposed, partitions=not args.no_partitions)
     except BaseException:
-        for ex in exposed:
-            ex.image.close()
-            if ex.temp_child:
-                os.unlink(ex.temp_child)
+        _abandon(exposed)
         raise
+    return exposed, files
+
+
+def _abandon(exposed: list[Exposed]) -> None:
+    """Close images nobody will serve, and delete the snapshot children made for them."""
+    for ex in exposed:
+        ex.image.close()
+        if ex.temp_child:
+            os.unlink(ex.temp_child)
+
+
+def _serve(args: argparse.Namespace, files: list[Export], mountpoint: str) -> int:
+    """The daemon itself: mount, serve until unmounted (``serve`` closes the images)."""
+    from ..fs.daemon import serve
+
     return serve(
         files, mountpoint, cache=args.cache, direct_io=args.direct_io, extra_options=_fuse_opts(args)
     )
@@ -203,44 +200,22 @@ def _configure_daemon_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, force=True)
 
 
-def _child_argv(args: argparse.Namespace, images: list[str], mountpoint: str) -> list[str]:
-    argv = [sys.executable, "-m", "vhdfs"]
-    if args.debug:
-        argv.append("--debug")
-    argv += ["mount", "--foreground", "--format", args.format]
-    for name, value in driver_options(args).items():
-        argv += [_flag(name), value]
-    for flag, on in (
-        ("--rw", args.rw),
-        ("--cache", args.cache),
-        ("--direct-io", args.direct_io),
-        ("--no-partitions", args.no_partitions),
-        ("--snapshot", args.snapshot),
-        ("--force", args.force),
-        ("--ignore-parent-id", args.ignore_parent_id),
-    ):
-        if on:
-            argv.append(flag)
-    if args.keep:
-        argv += ["--keep", os.path.abspath(args.keep)]
-    for d in args.parent_dir:
-        argv += ["--parent-dir", os.path.abspath(d)]
-    opts = _fuse_opts(args)
-    if opts:
-        argv += ["-o", ",".join(opts)]
-    return argv + ["--", *images, mountpoint]
-
-
-def _flag(option: str) -> str:
-    from ..block.driver import drivers
-
-    return next(o.flag for d in drivers() for o in d.options if o.name == option)
-
-
-def _spawn(args: argparse.Namespace, images: list[str], mountpoint: str) -> int:
-    """Start the daemon detached and wait until it serves (exit 0) or dies (its last error)."""
+def _spawn(args: argparse.Namespace, images: list[str], mountpoint: str) -> NoReturn:
+    """Open the images, fork the daemon that serves them; exit 0 once it serves, else raise its error."""
     from ..service import state
-    from ..service.spawn import spawn_daemon
+    from ..service.spawn import fork_daemon
+    from . import reporting
 
-    spawn_daemon(_child_argv(args, images, mountpoint), state.path_for(mountpoint, ".log"), mountpoint)
-    return 0
+    log_path = state.path_for(mountpoint, ".log")
+    exposed, files = _expose(args, images)
+
+    def daemon() -> int:
+        _configure_daemon_logging(args.debug)
+        return reporting(args, lambda: _serve(args, files, mountpoint))
+
+    fork_daemon(daemon, log_path, mountpoint, abandon=lambda: _abandon(exposed))
+    # The images are the daemon's now: leave without closing them (a writable close would
+    # flush under its feet) and without the interpreter's teardown (~50 ms after READY).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,9 +1,10 @@
 """The daemon's life: lay out the files, mount, serve until unmounted or signalled, flush, exit.
 
 Runs in the foreground (``vhdfs mount --foreground``, systemd ``Type=notify``); the CLI's
-background mode is a re-exec of this, never a fork inside ``trio.run``. Readiness (``READY=1``
-on ``$NOTIFY_SOCKET``) is sent only after the daemon has read a byte of its own first file
-through the mount from a worker thread, so "ready" means "served", not merely "mounted".
+background mode forks before calling ``serve`` (so before ``trio.run``), never inside it.
+Readiness (``READY=1`` on ``$NOTIFY_SOCKET``) is sent only after the daemon has read a byte of
+its own first file through the mount from a worker thread, so "ready" means "served", not
+merely "mounted".
 """
 
 from __future__ import annotations
@@ -153,10 +154,10 @@ async def _announce_ready(ops: VhdfsOperations, mountpoint: str, files: list[Exp
         },
     )
     state.remove(mountpoint, ".exit")
-    state.prune()
     names = ", ".join(f.name for f in files)
-    log.info("serving %s at %s", names, mountpoint)
     state.sd_notify(f"READY=1\nSTATUS=serving {names}\nMAINPID={os.getpid()}")
+    log.info("serving %s at %s", names, mountpoint)
+    state.prune()  # housekeeping: after READY, so no launch waits for it
 
 
 def _close_images(ops: VhdfsOperations) -> bool:
