@@ -129,7 +129,7 @@ def main() -> int:
                     before = proc_counters(m.pid)
                     value = run()
                     after = proc_counters(m.pid)
-                    got.setdefault(config, []).append((value, *(a - b for a, b in zip(after, before))))
+                    got.setdefault(config, []).append((value, *(a - b for a, b in zip(after, before, strict=True))))
             for config, runs in got.items():
                 values = [v[0] for v in runs]
                 med = statistics.median(values)
