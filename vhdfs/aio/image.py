@@ -7,8 +7,13 @@ Why this shape:
   readers) inline when every layer can map it from memory (``Image.maps_without_io``; else the
   whole read goes to a worker thread), and try ``preadv(..., RWF_NOWAIT)`` inline for every
   DATA extent. A page-cache hit
-  costs no thread hop; only a miss (``BlockingIOError``) or a short read goes to a worker
-  thread.
+  costs no thread hop. A miss (``BlockingIOError``) or a short read of a small request
+  (``INLINE_MISS_MAX``) is then read inline too, blocking: the hop to a worker thread and back
+  costs a cold 4 KiB read as much CPU as the read itself (the daemon is CPU-bound on cold small
+  reads: 330 -> 225 us of CPU per fio QD1 read, bench/README.md), and the only thing it buys,
+  overlap with other requests, the daemon hardly ever had (1-2 reads in handlers at once).
+  Larger misses (the kernel's 1 MiB readahead requests, several in flight) go to a worker
+  thread, where they overlap and the hop is cheap against the copy.
 * **Writes** go to a worker thread. Those that change metadata (allocate a block, set bitmap
   bits) also hold the image's ``trio.Lock`` and are shielded from cancellation, so a half-done
   metadata change never happens; in-place writes skip the lock. Consistency itself comes from
@@ -35,6 +40,7 @@ from ..errors import ReadOnlyError
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
+INLINE_MISS_MAX = 128 << 10  # cache misses of requests up to this size are read on the trio thread
 
 
 @dataclass
@@ -160,7 +166,9 @@ class AsyncImage:
                         ext.offset + got, ext.length - got, ext.kind, ext.fd, ext.file_offset + got, ext.layer
                     )
                 )
-        if misses:
+        if misses and n <= INLINE_MISS_MAX:
+            self.image.readinto_extents(misses, view, base)  # small: the thread hop costs more
+        elif misses:
             await trio.to_thread.run_sync(
                 self.image.readinto_extents, misses, view, base, limiter=self.limiter
             )
