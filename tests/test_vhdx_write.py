@@ -5,6 +5,7 @@ pwrite/sync the driver issues. Images come from the independent test writer."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -401,20 +402,27 @@ def _read_dissect(path: Path, size: int) -> bytes:
         return v.read(size)
 
 
-def _read_pyvhdi(path: Path, parents: list[Path], size: int) -> bytes:
+@contextlib.contextmanager
+def _pyvhdi_chain(path: Path, parents: list[Path]):
+    """libvhdi's file for ``path`` with its ``parents`` set, all closed afterwards."""
     import pyvhdi
     files = []
-    for p in [path, *parents]:
-        f = pyvhdi.file()
-        f.open(str(p))
-        files.append(f)
-    for child, parent in zip(files, files[1:]):
-        child.set_parent(parent)
     try:
-        return files[0].read_buffer_at_offset(size, 0)
+        for p in [path, *parents]:
+            f = pyvhdi.file()
+            f.open(str(p))
+            files.append(f)
+        for child, parent in zip(files, files[1:]):
+            child.set_parent(parent)
+        yield files[0]
     finally:
         for f in files:
             f.close()
+
+
+def _read_pyvhdi(path: Path, parents: list[Path], size: int) -> bytes:
+    with _pyvhdi_chain(path, parents) as f:
+        return f.read_buffer_at_offset(size, 0)
 
 
 @pytest.mark.parametrize("logical", [512, 4096])
@@ -517,7 +525,6 @@ def test_a_commit_too_big_for_one_entry_lands_in_safe_pieces(tmp_path, monkeypat
 
 def _read_at(path: Path, parents: list[Path], spans: list[tuple[int, int]]) -> tuple[list[bytes], ...]:
     """``spans`` read by dissect.hypervisor and by libvhdi (pyvhdi), each opened once."""
-    import pyvhdi
     from dissect.hypervisor.disk.vhdx import VHDX
     with open(path, "rb") as fh:
         v = VHDX(fh)
@@ -525,18 +532,8 @@ def _read_at(path: Path, parents: list[Path], spans: list[tuple[int, int]]) -> t
         for off, n in spans:
             v.seek(off)
             by_dissect.append(v.read(n))
-    files = []
-    for p in [path, *parents]:
-        f = pyvhdi.file()
-        f.open(str(p))
-        files.append(f)
-    for child, parent in zip(files, files[1:]):
-        child.set_parent(parent)
-    try:
-        by_libvhdi = [files[0].read_buffer_at_offset(n, off) for off, n in spans]
-    finally:
-        for f in files:
-            f.close()
+    with _pyvhdi_chain(path, parents) as f:
+        by_libvhdi = [f.read_buffer_at_offset(n, off) for off, n in spans]
     return by_dissect, by_libvhdi
 
 
