@@ -190,7 +190,7 @@ def table(results: dict[str, dict[str, Cell]], header: list[str]) -> str:
                              for i, c in enumerate(line)))
     out.append("")
     out.append("Cells: median of the runs ± half their min-max range. Ratios: how many times better "
-               "vhdfs is (time/RSS rows: peer ÷ vhdfs); v = vhdfs default (direct_io) vs pyfuse3 "
+               "vhdfs is (time/RSS rows: peer ÷ vhdfs); v = vhdfs default (kernel page cache) vs pyfuse3 "
                "(direct_io), vc = both --cache (keep_cache); v* = the better vhdfs mode "
                "(suffix c: --cache).")
     for text, n in notes.items():
@@ -222,7 +222,7 @@ def targets(results: dict[str, dict[str, Cell]]) -> list[dict]:
         return ratio(ROW[row], results.get(row, {}), vkey, peer)
 
     r, _ = ratio_of("seq_dd_warm", "vhdfs", "pt")
-    check("seq read dyn VHD warm >= 0.9x pyfuse3 ceiling (default/direct_io mode)", r, 0.9, "ratio")
+    check("seq read dyn VHD warm >= 0.9x pyfuse3 ceiling (default mode)", r, 0.9, "ratio")
     r, _ = ratio_of("seq_dd_warm", "vhdfs-cache", "pt-cache")
     check("seq read dyn VHD warm >= 0.9x pyfuse3 ceiling (--cache mode)", r, 0.9, "ratio")
     def via(row, peer, m):
