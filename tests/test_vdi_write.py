@@ -190,3 +190,38 @@ def test_concurrent_allocating_writers(tmp_path: Path) -> None:
         for b in range(64):
             assert img.read(b * block + 10, 100) == bytes([b + 1]) * 100
         assert img.describe()["allocated_blocks"] == 64
+
+
+def test_blocks_allocated_is_durable_before_the_map_entries_that_use_it(tmp_path, monkeypatch):
+    """A commit that allocates writes ``blocks_allocated``, syncs, then the map entries: with no
+    sync between them a power cut could store an entry past ``blocks_allocated``, a block that
+    QEMU (which allocates at ``blocks_allocated``) would hand out a second time."""
+    from vhdfs.formats.vdi import spec as fmt
+    from vhdfs.tools.create import create_image
+    from writelog import WriteLog
+
+    path = tmp_path / "d.vdi"
+    create_image(str(path), format="vdi", type="dynamic", size=8 * MIB)
+    with open_image(path) as img:
+        map_start, map_end = img.header.offset_bmap, img.header.offset_bmap + 4 * img.header.blocks_in_image
+    log = WriteLog(str(path))
+    log.install(monkeypatch)
+    with open_image(path, writable=True) as img:
+        img.write(0, b"a" * MIB)
+        img.write(3 * MIB, b"b" * MIB)
+    monkeypatch.undo()
+    kinds = []
+    for op, off, _data in log.ops:
+        if op == "s":
+            kinds.append("sync")
+        elif op == "w" and off == fmt.BLOCKS_ALLOCATED_OFFSET:
+            kinds.append("count")
+        elif op == "w" and map_start <= off < map_end:
+            kinds.append("entry")
+    assert "count" in kinds and "entry" in kinds, kinds
+    for i, k in enumerate(kinds):
+        if k == "entry":
+            last_count = max(j for j in range(i) if kinds[j] == "count")
+            assert "sync" in kinds[last_count + 1 : i], kinds
+    with open_image(path) as img:
+        assert img.read(0, MIB) == b"a" * MIB and img.read(3 * MIB, MIB) == b"b" * MIB

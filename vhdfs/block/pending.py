@@ -282,13 +282,17 @@ class PendingGroup:
     """An image's pending metadata: parts written in order at each commit.
 
     Order is the crash order: a part may point at what an earlier part wrote (VDI: the map
-    entries after ``blocks_allocated``; VHD: a new block's BAT entry before its bitmap). Once a
-    part fails, every later part gets the failure as ``sync_failed`` and rolls back all it had
-    due; the first failure propagates.
+    entries after ``blocks_allocated``; VHD: a new block's BAT entry before its bitmap). Written
+    order alone does not survive a power cut (the disk may reorder writes between syncs), so a
+    group whose later parts must never reach the disk before an earlier one passes ``barrier``
+    (the file's sync): it runs between two parts that both write. Once a part fails, every later
+    part gets the failure as ``sync_failed`` and rolls back all it had due; the first failure
+    propagates.
     """
 
-    def __init__(self, *parts: Pending[Any]) -> None:
+    def __init__(self, *parts: Pending[Any], barrier: Callable[[], None] | None = None) -> None:
         self.parts = parts
+        self.barrier = barrier
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
@@ -302,8 +306,10 @@ class PendingGroup:
 
     def write_snapshot(self, snapshot: CommitSnapshot, sync_failed: BaseException | None = None) -> None:
         failure = sync_failed
-        for part, snap in snapshot.parts:
+        for i, (part, snap) in enumerate(snapshot.parts):
             try:
+                if i and self.barrier is not None and failure is None:
+                    self.barrier()  # the earlier parts are durable before this one is written
                 part.write_snapshot(snap, failure)
             except BaseException as exc:  # kept: later parts roll back, then it is raised
                 if failure is None:

@@ -2,7 +2,7 @@
 
 The whole block map lives in memory (4 bytes per block), so mapping a range costs one array
 lookup per block touched and no I/O. Allocation follows VirtualBox's and QEMU's crash-safe order:
-whole block data → fdatasync → header ``blocks_allocated`` → map entry → fdatasync, and the
+whole block data → fdatasync → header ``blocks_allocated`` → fdatasync → map entry, and the
 in-memory map changes only after that, so a crash can leak a block but never reuse an index or
 expose a block whose data is not on disk.
 """
@@ -107,9 +107,11 @@ class VdiImage(Image):
         self._zero_block: bytes | None = None
         self._next_index = self._first_free_index(file_size)
         # Group commit (block/pending.py): the header's blocks_allocated, then new blocks' map
-        # entries, reach the file at the next commit, after a sync made the data durable. A
-        # failed entry write rolls that block back to its entry in the file; blocks_allocated
-        # may then stay above the blocks in use, which only leaks space (never reused).
+        # entries, reach the file at the next commit, after a sync made the data durable, with a
+        # sync between the two (else the disk may store an entry past blocks_allocated, a block
+        # QEMU would hand out again). A failed entry write rolls that block back to its entry in
+        # the file; blocks_allocated may then stay above the blocks in use, which only leaks
+        # space (never reused).
         self._pending = PendingTable("<I", header.offset_bmap, f, self._roll_back_entry)
         allocated = PendingCounter(
             "<I",
@@ -118,7 +120,7 @@ class VdiImage(Image):
             lambda: self.header.blocks_allocated,
             header.blocks_allocated,
         )
-        self.pending = PendingGroup(allocated, self._pending)
+        self.pending = PendingGroup(allocated, self._pending, barrier=f.sync)
         if self.diff:
             link = str(header.uuid_link)
             self.parent_ref = ParentRef(name=link, expected_id=link, format="vdi", scan=True)
