@@ -112,6 +112,31 @@ def _image_argument(args: argparse.Namespace) -> str | None:
     return paths[0] if isinstance(paths, list) and len(paths) == 2 else None
 
 
+def add_export_options(parser: argparse.ArgumentParser, rw_help: str, partitions_help: str) -> None:
+    """Options of the commands that serve images to a front end (``mount``, ``serve``)."""
+    from ..block.driver import format_names
+
+    parser.add_argument("-w", "--rw", action="store_true", help=rw_help)
+    parser.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)"
+    )
+    parser.add_argument("--no-partitions", action="store_true", help=partitions_help)
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="writes go to a new differencing child; the image itself never changes",
+    )
+    parser.add_argument("--keep", metavar="CHILD", help="with --snapshot: keep the child at this path")
+    parser.add_argument(
+        "--format",
+        choices=("auto", *format_names()),
+        default="auto",
+        help="image format (default: probe); raw exposes a plain disk file",
+    )
+    parser.add_argument("--force", action="store_true", help="open images with bad checksums for writing")
+    add_image_options(parser)
+
+
 def add_image_options(parser: argparse.ArgumentParser) -> None:
     """Options every command that opens an image shares, each format's own ones included."""
     from ..block.driver import drivers

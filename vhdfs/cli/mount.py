@@ -16,9 +16,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from ..block.driver import format_names
 from ..errors import UsageError
-from . import add_image_options, driver_options, open_from_args
+from . import add_export_options, driver_options, open_from_args
 
 if TYPE_CHECKING:
     from ..aio.export import Export, Exposed
@@ -41,10 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="IMAGE",
         help="one or more images, then the mountpoint (an existing empty folder)",
     )
-    p.add_argument("-w", "--rw", action="store_true", help="allow writes to the images")
-    p.add_argument(
-        "-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)"
-    )
     p.add_argument(
         "-o",
         dest="fuse_options",
@@ -63,23 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="bypass the kernel page cache: every read reaches the daemon (no double caching)",
     )
-    p.add_argument(
-        "--no-partitions", action="store_true", help="do not expose <stem>-p<N>.raw partition files"
-    )
-    p.add_argument(
-        "--snapshot",
-        action="store_true",
-        help="writes go to a new differencing child; the image itself never changes",
-    )
-    p.add_argument("--keep", metavar="CHILD", help="with --snapshot: keep the child at this path")
-    p.add_argument(
-        "--format",
-        choices=("auto", *format_names()),
-        default="auto",
-        help="image format (default: probe); raw exposes a plain disk file",
-    )
-    p.add_argument("--force", action="store_true", help="open images with bad checksums for writing")
-    add_image_options(p)
+    add_export_options(p, "allow writes to the images", "do not expose <stem>-p<N>.raw partition files")
     p.set_defaults(func=run)
 
 

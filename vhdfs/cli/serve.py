@@ -12,9 +12,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..block.driver import format_names
 from ..errors import UsageError
-from . import add_image_options, driver_options
+from . import add_export_options, driver_options
 
 if TYPE_CHECKING:
     from ..block.image import Image
@@ -44,23 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow a non-loopback --bind without --tls-psk (anyone who reaches it reads the disk)",
     )
-    p.add_argument("-w", "--rw", action="store_true", help="allow writes, trim and zero")
-    p.add_argument(
-        "--snapshot",
-        action="store_true",
-        help="writes go to a new differencing child; the image itself never changes",
-    )
-    p.add_argument("--keep", metavar="CHILD", help="with --snapshot: keep the child at this path")
-    p.add_argument(
-        "-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)"
-    )
     p.add_argument("--pidfile", metavar="FILE", help="write the server's pid here once it serves")
-    p.add_argument("--no-partitions", action="store_true", help="do not export partitions")
-    p.add_argument(
-        "--format", choices=("auto", *format_names()), default="auto", help="image format (default: probe)"
-    )
-    p.add_argument("--force", action="store_true", help="open images with bad checksums for writing")
-    add_image_options(p)
+    add_export_options(p, "allow writes, trim and zero", "do not export partitions")
     p.set_defaults(func=run)
 
 

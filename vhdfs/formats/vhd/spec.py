@@ -190,44 +190,9 @@ def parse_footer(buf: bytes) -> Footer:
         buf = bytes(buf) + b"\0"
     if len(buf) != FOOTER_SIZE or buf[:8] != FOOTER_COOKIE:
         raise FormatError("no VHD footer (cookie 'conectix' not found)")
-    (
-        _cookie,
-        features,
-        fmt_version,
-        data_offset,
-        timestamp,
-        app,
-        app_version,
-        host_os,
-        original,
-        current,
-        cyl,
-        heads,
-        spt,
-        disk_type,
-        stored,
-        uid,
-        saved,
-    ) = FOOTER_STRUCT.unpack(buf)
-    return Footer(
-        features,
-        fmt_version,
-        data_offset,
-        timestamp,
-        app,
-        app_version,
-        host_os,
-        original,
-        current,
-        cyl,
-        heads,
-        spt,
-        disk_type,
-        stored,
-        uid,
-        saved,
-        checksum_ok=stored == checksum(buf, FOOTER_CHECKSUM_OFFSET),
-    )
+    footer = Footer(*FOOTER_STRUCT.unpack(buf)[1:])  # the fields in the struct's order, cookie dropped
+    footer.checksum_ok = footer.checksum == checksum(buf, FOOTER_CHECKSUM_OFFSET)
+    return footer
 
 
 def make_footer(
