@@ -364,3 +364,39 @@ def test_cli_resize_and_compact(tmp_path: Path) -> None:
     res = _cli("check", str(child))
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stdout + res.stderr
     reads_as(path, SIZE + GiB, shadow)
+
+
+def _allocations(path: Path) -> list[tuple[int, int, int]]:
+    from vhdfs.formats.vhdx import space
+
+    with open_image(path) as img:
+        return space.allocations(img)
+
+
+def test_damaged_image_refused_unchanged_and_neighbours_stay_quiet(tmp_path: Path) -> None:
+    """A dynamic VHDX cut inside a block's data: resize and compact refuse it by name before any
+    write (a writable open would rewrite its headers); a damaged image beside another one does
+    not make ``resize`` of the good one print its warnings (the folder scan for children)."""
+    path, _shadow, _ = make("dynamic", tmp_path)
+    ok = tmp_path / "ok.vhdx"
+    shutil.copyfile(path, ok)
+    first_block = min(o for o, _n, _i in _allocations(path))
+    with path.open("r+b") as f:
+        f.truncate(first_block + MiB // 2)  # inside the first block's data
+    before = path.read_bytes()
+    for args in (("resize", str(path), "+1M"), ("compact", str(path))):
+        res = _cli(*args)
+        assert res.returncode == 3, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "past the end of the file" in lines[0] and "Traceback" not in res.stderr
+        assert path.read_bytes() == before
+    bad = tmp_path / "bad.vhd"  # a neighbour that warns when opened: a wrong footer checksum
+    create_image(str(bad), format="vhd", type="dynamic", size=4 * MiB)
+    with bad.open("r+b") as f:
+        f.seek(bad.stat().st_size - 512 + 0x40)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert "warning" in _cli("info", str(bad)).stderr  # it does warn when asked about
+    res = _cli("resize", str(ok), "+1M")
+    assert res.returncode == 0 and res.stderr == "", res.stderr

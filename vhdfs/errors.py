@@ -8,8 +8,10 @@ that line is all a user sees.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 
 
 class VhdfsError(Exception):
@@ -82,6 +84,20 @@ class UsageError(VhdfsError):
     exit_code = 2
 
 
+_QUIET = [0]  # > 0 inside ``quiet()``
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No warnings inside: for images opened only to be looked at in passing (a folder scan
+    for differencing children), whose oddities are not what the user asked about."""
+    _QUIET[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET[0] -= 1
+
+
 def warn(message: str, path: str | os.PathLike[str] | None = None) -> None:
     """Report a tolerated oddity (bad checksum on a read-only open, ...) on stderr.
 
@@ -89,5 +105,7 @@ def warn(message: str, path: str | os.PathLike[str] | None = None) -> None:
     """
     import sys
 
+    if _QUIET[0]:
+        return
     where = f"{os.fspath(path)}: " if path is not None else ""
     print(f"vhdfs: warning: {where}{message}", file=sys.stderr)

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..block.chain import open_image, open_layer, probe_format
-from ..block.driver import Driver, driver, drivers
+from ..block.driver import Driver, Severity, driver, drivers
 from ..block.image import Image, OpenOptions
 from ..block.maintain import first_nonzero
-from ..errors import BusyError, UnsupportedError, UsageError, VhdfsError
+from ..errors import BusyError, FormatError, UnsupportedError, UsageError, VhdfsError, quiet
 
 Progress = Callable[[int, int], None]
 
@@ -52,6 +52,11 @@ def _hook(path: str, name: str) -> tuple[Driver, Callable[..., Any]]:
 
 def children_of(path: str) -> list[str]:
     """Differencing images beside ``path`` whose parent reference names it (by path or UUID)."""
+    with quiet():  # the neighbours' oddities are not what the user asked about
+        return _children_of(path)
+
+
+def _children_of(path: str) -> list[str]:
     path = os.path.realpath(path)
     folder = os.path.dirname(path)
     suffixes = tuple(s for d in drivers() if d.name != "raw" for s in d.suffixes)
@@ -131,6 +136,14 @@ def grow_open(img: Image, target: int) -> list[str]:
     return result
 
 
+def _refuse_damage(img: Image) -> None:
+    """Resize and compact rewrite tables: refused (before any write) on a layer ``check`` finds
+    damaged, e.g. a block past the end of a truncated file; ``check --repair`` comes first."""
+    bad = [f.text for f in img.check() if f.severity is Severity.ERROR]
+    if bad:
+        raise FormatError(f"{bad[0]} (run vhdfs check; --repair fixes what it can)", img.path)
+
+
 def _refuse_data(path: str, img: Image, cut_to: int) -> None:
     """A shrink to ``cut_to`` cuts only bytes that read as zeros; else the first other one named."""
     hit = first_nonzero(img, cut_to, img.size)
@@ -154,8 +167,9 @@ def resize_image(
     path = os.path.abspath(path)
     _d, hook = _hook(path, "resize")
     _refuse_children(path, force, "changing its size")
-    with open_image(path, **(open_kw or {})) as ro:  # refuse before any write:
+    with quiet(), open_image(path, **(open_kw or {})) as ro:  # refuse before any write:
         old = ro.size  # a writable VHDX open rewrites its headers
+        _refuse_damage(ro)
         target = new_size(size_text, old, parse)
         _refuse_data(path, ro, target)
         _refuse_parent_tail(ro, old, target)
@@ -179,6 +193,8 @@ def compact_image(
     path = os.path.abspath(path)
     _d, hook = _hook(path, "compact")
     before = os.path.getsize(path)
+    with quiet(), open_image(path, **(open_kw or {})) as ro:  # its warnings: at the writable open
+        _refuse_damage(ro)
     img = _open_writable(path, **(open_kw or {}))
     try:
         done = hook(img, progress)
