@@ -20,6 +20,7 @@ from ..errors import UsageError, VhdfsError
 
 if TYPE_CHECKING:
     from ..block.image import Image
+    from ..service.snapshot import Snapshot
 
 # Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ("info", "create", "check", "mount", "umount", "serve", "convert", "commit", "resize", "compact")
@@ -165,6 +166,20 @@ def driver_options(args: argparse.Namespace) -> dict[str, str]:
     from ..block.driver import drivers
 
     return {o.name: getattr(args, o.name) for d in drivers() for o in d.options if hasattr(args, o.name)}
+
+
+def snapshot_from_args(args: argparse.Namespace, base: Image, parent_dirs: Sequence[str]) -> Snapshot:
+    """``--snapshot``: the differencing child over ``base``, opened with the command's options."""
+    from ..service.snapshot import create_snapshot
+
+    return create_snapshot(
+        base,
+        keep=args.keep,
+        parent_dirs=parent_dirs,
+        force=args.force,
+        ignore_parent_id=args.ignore_parent_id,
+        **driver_options(args),
+    )
 
 
 def open_from_args(

@@ -17,7 +17,7 @@ import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from ..errors import UsageError
-from . import add_export_options, driver_options, open_from_args
+from . import add_export_options, open_from_args, snapshot_from_args
 
 if TYPE_CHECKING:
     from ..aio.export import Export, Exposed
@@ -115,18 +115,11 @@ def _open(args: argparse.Namespace, path: str, writable: bool) -> Image:
 def _snapshot(args: argparse.Namespace, path: str) -> Exposed:
     """Create the differencing child over ``path``'s chain and open it writable."""
     from ..aio.export import Exposed
-    from ..service.snapshot import create_snapshot, stem
+    from ..service.snapshot import stem
 
     with _open(args, path, False) as base:
         pass  # the whole chain opens: the child is never made over a broken one
-    snap = create_snapshot(
-        base,
-        keep=args.keep,
-        parent_dirs=args.parent_dir,
-        force=args.force,
-        ignore_parent_id=args.ignore_parent_id,
-        **driver_options(args),
-    )
+    snap = snapshot_from_args(args, base, args.parent_dir)
     return Exposed(stem(path), snap.image, True, temp_child=snap.temp_child, snapshot=True)
 
 

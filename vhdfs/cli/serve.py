@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from . import add_export_options, driver_options
+from . import add_export_options, driver_options, snapshot_from_args
 
 if TYPE_CHECKING:
     from ..block.image import Image
@@ -133,7 +133,7 @@ def _validate(args: argparse.Namespace, config: Config) -> None:
 def _serve(args: argparse.Namespace, config: Config, listen: Listen) -> int:
     """The server itself (``-f``): snapshot children, then nbdkit until it stops."""
     from ..nbd.serve import run as serve
-    from ..service.snapshot import create_snapshot, stem
+    from ..service.snapshot import stem
 
     _validate(args, config)
     named = [str(entry[0]) for entry in config.images]  # what the user named (not children)
@@ -143,14 +143,7 @@ def _serve(args: argparse.Namespace, config: Config, listen: Listen) -> int:
             for entry in config.images:
                 base_path = str(entry[0])
                 with config_image(config, base_path) as base:
-                    snap = create_snapshot(
-                        base,
-                        keep=args.keep,
-                        parent_dirs=config.parent_dirs,
-                        force=args.force,
-                        ignore_parent_id=args.ignore_parent_id,
-                        **driver_options(args),
-                    )
+                    snap = snapshot_from_args(args, base, config.parent_dirs)
                 snap.image.close()  # the plugin opens it again, in nbdkit
                 if snap.temp_child:
                     temp.append(snap.temp_child)
