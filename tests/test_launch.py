@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,100 @@ def test_background_error_after_the_fork_is_one_line_and_mounts_nothing(tmp_path
         assert not os.path.ismount(mp)
     finally:
         force_unmount(mp)
+
+
+def _modules_after(code: str) -> set[str]:
+    """The vhdfs/pyfuse3/importlib.metadata modules a fresh interpreter holds after ``code``."""
+    code += (
+        "\nimport sys\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith(('vhdfs.', 'pyfuse3', 'importlib.metadata')))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.splitlines()[-1].split(","))
+
+
+def test_opening_an_image_loads_only_its_own_format(tmp_path: Path) -> None:
+    """The registry names every format's code lazily (block.driver.deferred): opening a VHD loads
+    neither VDI nor VHDX nor VHD's create/resize/compact/repair; a VHDX open loads no VHD reader."""
+    for fmt in ("vhd", "vhdx"):
+        img = tmp_path / f"disk.{fmt}"
+        assert vhdfs("create", "--size", "8M", img).returncode == 0
+        mods = _modules_after(f"import vhdfs.block\nvhdfs.block.open_image({str(img)!r}).close()")
+        assert f"vhdfs.formats.{fmt}.layer" in mods, mods  # the test can fail: the reader is there
+        others = {"vhd", "vdi", "vhdx"} - {fmt}
+        loaded = {m for m in mods if m.startswith("vhdfs.formats.")}
+        stray = {
+            m
+            for m in loaded
+            if m.split(".")[2] in others and m.split(".")[3:] not in (["footer"], ["spec"], [])
+            or m.split(".")[-1] in ("create", "resize", "compact", "repair", "maintain", "space", "room")
+        }
+        assert not stray, stray  # (a VHDX open probes VHD first: its footer/spec may load)
+
+
+def test_fuse_package_imports_pyfuse3_without_importlib_metadata() -> None:
+    """pyfuse3 3.5 imports importlib.metadata only for its __version__ (~40 ms of a launch)."""
+    code = (
+        "import sys, vhdfs.fs, pyfuse3\n"
+        "assert 'importlib.metadata' not in sys.modules, 'the stand-in stayed or the real one loaded'\n"
+        "import importlib.metadata\n"
+        "assert pyfuse3.__version__ == importlib.metadata.version('pyfuse3'), pyfuse3.__version__\n"
+        "assert importlib.metadata.version('trio')  # the real module works afterwards\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_garbage_collector_resumes_after_a_command(tmp_path: Path) -> None:
+    img = tmp_path / "disk.vhd"
+    assert vhdfs("create", "--size", "8M", img).returncode == 0
+    code = (
+        "import gc, sys\n"
+        "from vhdfs.cli import main\n"
+        f"rc = main(['info', {str(img)!r}])\n"
+        "sys.stdout.flush()\n"
+        "print('gc', rc, gc.isenabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "gc 0 True", out.stdout
+
+
+@needs_root
+def test_daemon_imports_with_the_collector_paused_and_resumes_it_when_serving(tmp_path: Path) -> None:
+    """``service.startup``: paused through the daemon's imports and open, on again once it serves."""
+    img = tmp_path / "disk.vhd"
+    assert vhdfs("create", "--size", "8M", img).returncode == 0
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    marker = tmp_path / "gc.txt"
+    code = (
+        "import gc, sys\n"
+        "from vhdfs.service import startup\n"
+        "resume = startup.resume\n"
+        "def watched():\n"
+        "    before = (gc.isenabled(), 'pyfuse3' in sys.modules)\n"
+        "    resume()\n"
+        f"    open({str(marker)!r}, 'w').write(f'{{before}} {{gc.isenabled()}} {{gc.get_freeze_count() > 0}}')\n"
+        "startup.resume = watched\n"
+        "from vhdfs.cli import main\n"
+        f"sys.exit(main(['mount', '-f', {str(img)!r}, {str(mp)!r}]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if marker.exists() and marker.read_text():
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.05)
+        assert marker.read_text() == "(False, True) True True"
+        assert (mp / "disk.raw").read_bytes()[:512] == bytes(512)
+    finally:
+        force_unmount(mp)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -58,7 +58,7 @@ class Factory:
     @property
     def children(self) -> bool:
         d = driver(self.fmt)
-        return d.create is not None and "differencing" in d.limits.types
+        return d.create is not None and "differencing" in d.limits().types
 
     def open(self, path: Path, writable: bool = False) -> Image:
         return open_image(path, writable, parent_dirs=[str(path.parent)], format=self.fmt)

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterable
 
 from ..errors import ChainError, NotAnImageError, UsageError, VhdfsError
-from .driver import Driver, ProbeData, driver, drivers, image_titles
+from .driver import CERTAIN, Driver, ProbeData, driver, drivers, image_titles
 from .image import Image, OpenOptions, ParentRef
 from .rawfile import fd_size, open_image_fd, stat_image
 
@@ -44,6 +44,8 @@ def probe_format(path: str) -> str:
             score = d.probe(data)
             if score > best_score:
                 best, best_score = d, score
+            if score >= CERTAIN:
+                break  # ties go to the earlier driver anyway; the later ones stay unimported
     finally:
         os.close(fd)
     if best is None:

@@ -15,7 +15,8 @@ import enum
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .image import Image, OpenOptions, ParentRef
@@ -121,7 +122,7 @@ class Driver:
     probe: Callable[[ProbeData], int]
     open_layer: Callable[[str, OpenOptions], Image]
     create: Callable[[CreateSpec], None] | None
-    limits: Limits
+    limits: Callable[[], Limits]  # what ``create`` can make (called: it lives beside create)
     type_names: dict[str, str] = field(default_factory=dict)  # VDI says "static" for fixed
     options: tuple[DriverOption, ...] = ()
     # Where a child's parent may be: paths in order. A driver that scans folders (VDI finds
@@ -139,6 +140,26 @@ class Driver:
 
     def suffix_matches(self, path: str | os.PathLike[str]) -> bool:
         return os.fspath(path).lower().endswith(self.suffixes)
+
+
+def deferred(module: str, name: str) -> Callable[..., Any]:
+    """The function ``module.name``, imported only when first called.
+
+    A format package's ``DRIVER`` names its entry points this way, so that importing the
+    registry loads no format's code: opening a VHD imports neither VDI nor VHDX, nor VHD's
+    own create, resize and compact (a mount's launch -> first read is mostly imports).
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"{module}.{name}"
+    return call
+
+
+def deferred_value(module: str, name: str) -> Callable[[], Any]:
+    """``module.name``, a constant, read (and ``module`` imported) only when first asked for."""
+    return lambda: getattr(import_module(module), name)
 
 
 def drivers() -> tuple[Driver, ...]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import UsageError, VhdfsError
+from ..service import startup
 
 if TYPE_CHECKING:
     from ..block.image import Image
@@ -64,9 +65,12 @@ def _command_named(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup.pause()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(only=_command_named(argv))
     args = parser.parse_args(argv)
+    if not getattr(args, "resume_gc_when_serving", False):
+        startup.resume()  # a command that runs to its end; a daemon resumes once it serves
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="vhdfs: %(levelname)s: %(message)s"
     )

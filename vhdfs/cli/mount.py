@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="bypass the kernel page cache: every read reaches the daemon (no double caching)",
     )
     add_export_options(p, "allow writes to the images", "do not expose <stem>-p<N>.raw partition files")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resume_gc_when_serving=True)  # service.startup
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,6 +41,8 @@ def open_layer(path: str, options: OpenOptions) -> RawImage:
     return RawImage(path, options.writable)
 
 
+RAW_LIMITS = Limits(max_size=2**63 - 1, types=("fixed",))
+
 DRIVER = Driver(
     name="raw",
     title="raw",
@@ -48,5 +50,5 @@ DRIVER = Driver(
     probe=probe,
     open_layer=open_layer,
     create=None,
-    limits=Limits(max_size=2**63 - 1, types=("fixed",)),
+    limits=lambda: RAW_LIMITS,
 )

@@ -20,7 +20,7 @@ import trio
 
 from ..aio.export import Export
 from ..errors import VhdfsError
-from ..service import state
+from ..service import startup, state
 from .operations import VhdfsOperations
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ async def _announce_ready(ops: VhdfsOperations, mountpoint: str, files: list[Exp
     names = ", ".join(f.name for f in files)
     state.sd_notify(f"READY=1\nSTATUS=serving {names}\nMAINPID={os.getpid()}")
     log.info("serving %s at %s", names, mountpoint)
+    startup.resume()  # the CLI paused the garbage collector for the launch
     state.prune()  # housekeeping: after READY, so no launch waits for it
 
 

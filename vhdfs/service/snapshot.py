@@ -29,7 +29,7 @@ class Snapshot:
 def check_can_snapshot(img: Image) -> None:
     """Refuse an image whose format cannot have a differencing child, naming it."""
     d = driver(img.format)
-    if d.create is None or "differencing" not in d.limits.types:
+    if d.create is None or "differencing" not in d.limits().types:
         raise UsageError(
             f"--snapshot needs an image format with differencing children "
             f"(this is {d.title}); convert it first",

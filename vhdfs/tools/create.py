@@ -44,7 +44,7 @@ def check_limits(
     d: Driver, type: str, size: int, block_size: int | None, sector_size: int | None, path: str
 ) -> None:
     """Refuse what format ``d`` cannot describe, naming the limit (one rule for every format)."""
-    lim: Limits = d.limits
+    lim: Limits = d.limits()
     if type not in lim.types:
         names = ", ".join(d.type_names.get(t, t) for t in lim.types)
         raise UsageError(f"a {d.title} image cannot be {type} (choose {names})", path)

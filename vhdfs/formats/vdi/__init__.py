@@ -1,25 +1,28 @@
 """VirtualBox VDI: dynamic, static ("fixed") and differencing (snapshot) images.
 
 A differencing VDI names its parent only by UUID, so its parent is found by scanning the child's
-folder and every ``--parent-dir`` for ``.vdi`` files (``parent_candidates``).
+folder and every ``--parent-dir`` for ``.vdi`` files (``parent_candidates``). Like every format
+package, this module is only the registry entry: the code loads when first used
+(``block.driver.deferred``).
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from ...block.driver import CERTAIN, NO, Driver, Limits, ProbeData
-from ...block.image import Image, ParentRef
-from . import spec as fmt
-from .create import create_from_spec
-from .image import VdiImage, open_layer
-from .maintain import compact, repair, resize
+from ...block.driver import CERTAIN, NO, Driver, ProbeData, deferred, deferred_value
+
+if TYPE_CHECKING:
+    from ...block.image import Image, ParentRef
 
 SUFFIXES = (".vdi",)
 
 
 def probe(data: ProbeData) -> int:
-    return CERTAIN if fmt.probe(data.head) else NO
+    from . import spec
+
+    return CERTAIN if spec.probe(data.head) else NO
 
 
 def parent_candidates(child: Image, ref: ParentRef, parent_dirs: tuple[str, ...]) -> list[str]:
@@ -39,18 +42,12 @@ DRIVER = Driver(
     title="VDI",
     suffixes=SUFFIXES,
     probe=probe,
-    open_layer=open_layer,
-    create=create_from_spec,
-    limits=Limits(
-        max_size=fmt.MAX_BLOCK_INDEX * fmt.MAX_BLOCK_SIZE,
-        block_sizes=(fmt.MIN_BLOCK_SIZE, fmt.MAX_BLOCK_SIZE),
-        fixed_has_blocks=True,
-    ),
+    open_layer=deferred(f"{__name__}.image", "open_layer"),
+    create=deferred(f"{__name__}.create", "create_from_spec"),
+    limits=deferred_value(f"{__name__}.create", "LIMITS"),
     type_names={"fixed": "static"},
     parent_candidates=parent_candidates,
-    resize=resize,
-    compact=compact,
-    repair=repair,
+    resize=deferred(f"{__name__}.maintain", "resize"),
+    compact=deferred(f"{__name__}.maintain", "compact"),
+    repair=deferred(f"{__name__}.maintain", "repair"),
 )
-
-__all__ = ["DRIVER", "VdiImage"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from ...block.driver import CreateSpec
+from ...block.driver import CreateSpec, Limits
 from ...block.image import OpenOptions
 from ...block.rawfile import new_file, write_all
 from ...errors import ChainError, VhdfsError
@@ -18,6 +18,13 @@ from . import spec as fmt
 
 MAP_OFFSET = 0x200
 DATA_ALIGN = 4096
+
+
+LIMITS = Limits(
+    max_size=fmt.MAX_BLOCK_INDEX * fmt.MAX_BLOCK_SIZE,
+    block_sizes=(fmt.MIN_BLOCK_SIZE, fmt.MAX_BLOCK_SIZE),
+    fixed_has_blocks=True,
+)
 
 
 def _round_up(n: int, m: int) -> int:

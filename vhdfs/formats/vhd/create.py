@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from ...block.driver import CreateSpec
+from ...block.driver import CreateSpec, Limits
 from ...block.rawfile import new_file, write_all
 from ...errors import UsageError, VhdfsError
 from . import spec as fmt
@@ -22,6 +22,7 @@ DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 # Below 4 KiB the spec's bitmap is ceil(B/4096) bytes padded to a sector, but QEMU, VirtualBox
 # and blktap compute floor(B/4096) padded = 0 bytes: such images read differently everywhere.
 MIN_BLOCK_SIZE = 4096
+LIMITS = Limits(max_size=fmt.MAX_VIRTUAL_SIZE, block_sizes=(MIN_BLOCK_SIZE, 1 << 30))
 TYPES = {"fixed": fmt.DISK_FIXED, "dynamic": fmt.DISK_DYNAMIC, "differencing": fmt.DISK_DIFFERENCING}
 
 
