@@ -14,9 +14,12 @@ Why this shape:
   overlap with other requests, the daemon hardly ever had (1-2 reads in handlers at once).
   Larger misses (the kernel's 1 MiB readahead requests, several in flight) go to a worker
   thread, where they overlap and the hop is cheap against the copy.
-* **Writes** go to a worker thread. Those that change metadata (allocate a block, set bitmap
-  bits) also hold the image's ``trio.Lock`` and are shielded from cancellation, so a half-done
-  metadata change never happens; in-place writes skip the lock. Consistency itself comes from
+* **Writes** that change metadata (allocate a block, set bitmap bits) go to a worker thread,
+  hold the image's ``trio.Lock`` and are shielded from cancellation, so a half-done metadata
+  change never happens. In-place writes (``Image.write_is_in_place``: no lock, only a copy into
+  the image file's page cache) up to ``INLINE_WRITE_MAX`` are written on the trio thread, like
+  small read misses: the thread hop cost more than the copy (ext4 mkfs + untar on a loop
+  device ~7 % faster); larger ones go to a worker thread without the lock. Consistency itself comes from
   the block layer's ``meta_lock`` (docs/concurrency.md), which a thread-based front end (NBD)
   gets the same way.
 * No pyfuse3 here: errors are ``VhdfsError``/``OSError``, mapped by each front end.
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
 INLINE_MISS_MAX = 128 << 10  # cache misses of requests up to this size are read on the trio thread
+INLINE_WRITE_MAX = 128 << 10  # in-place writes up to this size are written on the trio thread
 
 
 @dataclass
@@ -200,7 +204,10 @@ class AsyncImage:
         if not self.writable:
             raise ReadOnlyError("image is open read-only", self.image.path)
         if self.image.write_is_in_place(base, len(view)):
-            await trio.to_thread.run_sync(self.image.write, base, view, limiter=self.limiter)
+            if len(view) <= INLINE_WRITE_MAX:
+                self.image.write(base, view)  # a copy into the page cache: the hop costs more
+            else:
+                await trio.to_thread.run_sync(self.image.write, base, view, limiter=self.limiter)
             return
         with trio.CancelScope(shield=True):
             async with self.lock:

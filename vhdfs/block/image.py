@@ -202,7 +202,9 @@ class Image(abc.ABC):
         return True
 
     def write_is_in_place(self, offset: int, length: int) -> bool:
-        """True when writing this range changes no metadata (no allocation, no bitmap bit)."""
+        """True when writing this range changes no metadata at all: no allocation, no bitmap bit,
+        no first-write header update. Such a write takes no lock and only copies into the file's
+        page cache, so a front end may do it on its event loop (``aio.image``)."""
         return False
 
     def _discard(self, offset: int, length: int) -> None:

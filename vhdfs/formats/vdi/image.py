@@ -173,6 +173,8 @@ class VdiImage(Image):
             pos += n
 
     def write_is_in_place(self, offset: int, length: int) -> bool:
+        if not self._modify_renewed:
+            return False  # the first change writes the header (_renew_modify_uuid)
         if length <= 0:
             return True
         bs = self.block_size

@@ -72,7 +72,7 @@ class FixedVhd(Image):
         self.file.pwrite(data, offset)
 
     def write_is_in_place(self, offset: int, length: int) -> bool:
-        return offset + length <= self.data_size
+        return not self._repair_footer and offset + length <= self.data_size
 
     def _discard(self, offset: int, length: int) -> None:
         self._ensure_footer()

@@ -186,7 +186,7 @@ class SparseVhd(Image):
             if not self._in_place(pos // B, pos, n):
                 return False
             pos += n
-        return True
+        return not self._repair_footer  # a forced open rewrites its footers first
 
     def _ensure_footer(self) -> None:
         """Before the first change to a force-opened image, rewrite both footers correctly."""
