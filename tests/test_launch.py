@@ -172,3 +172,31 @@ def test_daemon_imports_with_the_collector_paused_and_resumes_it_when_serving(tm
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_the_slow_vhd_probe_runs_only_when_no_format_is_certain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VHD's second look (a footer before padding: a 4 MiB read at the end) is not made for a
+    VHDX or VDI, whose magic the first pass finds; a padded VHD still opens as VHD."""
+    from vhdfs.block.chain import probe_format
+    from vhdfs.formats.vhd import footer
+
+    calls: list[str] = []
+    real = footer.probe_padded
+
+    def counting(data):  # type: ignore[no-untyped-def]
+        calls.append("slow")
+        return real(data)
+
+    monkeypatch.setattr(footer, "probe_padded", counting)
+    for fmt in ("vhdx", "vdi", "vhd"):
+        img = tmp_path / f"d.{fmt}"
+        assert vhdfs("create", "--size", "8M", img).returncode == 0
+        assert probe_format(str(img)) == fmt
+    assert calls == []
+    fixed = tmp_path / "fixed.vhd"  # no head copy of the footer: only the slow look finds it
+    assert vhdfs("create", "--type", "fixed", "--size", "8M", fixed).returncode == 0
+    padded = tmp_path / "padded.vhd"
+    padded.write_bytes(fixed.read_bytes() + bytes(4096))
+    assert probe_format(str(padded)) == "vhd" and calls == ["slow"]

@@ -46,6 +46,10 @@ def probe_format(path: str) -> str:
                 best, best_score = d, score
             if score >= CERTAIN:
                 break  # ties go to the earlier driver anyway; the later ones stay unimported
+        for d in drivers() if best_score < CERTAIN else ():
+            score = d.probe_slow(data) if d.probe_slow else 0
+            if score > best_score:
+                best, best_score = d, score
     finally:
         os.close(fd)
     if best is None:

@@ -34,7 +34,7 @@ class ProbeData:
     head: bytes  # up to HEAD_BYTES from offset 0
     tail: bytes  # up to TAIL_BYTES before the end
     size: int
-    fd: int  # open read-only; a slow probe may pread, never seek or close
+    fd: int  # open read-only; a ``probe_slow`` may pread, never seek or close
 
     HEAD_BYTES = 64 * 1024
     TAIL_BYTES = 1024
@@ -119,12 +119,15 @@ class Driver:
     name: str  # "vhd": --format value, messages, ParentRef.format
     title: str  # "VHD": what users call it
     suffixes: tuple[str, ...]  # first = the one new files get
-    probe: Callable[[ProbeData], int]
+    probe: Callable[[ProbeData], int]  # the first look: head, tail and size only, no more I/O
     open_layer: Callable[[str, OpenOptions], Image]
     create: Callable[[CreateSpec], None] | None
     limits: Callable[[], Limits]  # what ``create`` can make (called: it lives beside create)
     type_names: dict[str, str] = field(default_factory=dict)  # VDI says "static" for fixed
     options: tuple[DriverOption, ...] = ()
+    # A second look that reads more of the file (VHD's footer before padding: the last 4 MiB),
+    # made only when no driver's first look was CERTAIN: a VHDX open never pays for it.
+    probe_slow: Callable[[ProbeData], int] | None = None
     # Where a child's parent may be: paths in order. A driver that scans folders (VDI finds
     # its parent by UUID) sets ``ParentRef.scan`` so unreadable candidates are skipped quietly.
     parent_candidates: Callable[[Image, ParentRef, tuple[str, ...]], list[str]] = default_parent_candidates

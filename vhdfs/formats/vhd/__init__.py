@@ -23,6 +23,7 @@ DRIVER = Driver(
     title="VHD",
     suffixes=(".vhd", ".avhd"),
     probe=deferred(f"{__name__}.footer", "probe"),
+    probe_slow=deferred(f"{__name__}.footer", "probe_padded"),
     open_layer=deferred(f"{__name__}.layer", "open_layer"),
     create=deferred(f"{__name__}.create", "create_from_spec"),
     limits=deferred_value(f"{__name__}.create", "LIMITS"),

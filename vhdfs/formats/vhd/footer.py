@@ -20,7 +20,7 @@ TRAILING_SCAN = 4 * 1024 * 1024  # how far back from the end to look for a padde
 
 
 def probe(data: ProbeData) -> int:
-    """CERTAIN for a footer at the end or a dynamic disk's head copy; LIKELY for a padded footer."""
+    """CERTAIN for a footer at the end or a dynamic disk's head copy (the first look)."""
     head, tail, file_size = data.head, data.tail, data.size
     if file_size >= fmt.FOOTER_SIZE and tail[-fmt.FOOTER_SIZE :][:8] == fmt.FOOTER_COOKIE:
         return CERTAIN
@@ -32,8 +32,14 @@ def probe(data: ProbeData) -> int:
         and head[0x3C:0x40] in (b"\0\0\0\3", b"\0\0\0\4")
     ):
         return CERTAIN
-    try:  # a footer followed by junk (copy tools pad files); see ``find_footer``
-        found = find_footer(lambda n, off: os.pread(data.fd, n, off), file_size)
+    return NO
+
+
+def probe_padded(data: ProbeData) -> int:
+    """LIKELY for a footer followed by junk (copy tools pad files): the second look, which reads
+    the last few MiB (``find_footer``), made only when no format's first look was certain."""
+    try:
+        found = find_footer(lambda n, off: os.pread(data.fd, n, off), data.size)
     except (OSError, struct.error, ValueError):
         return NO
     return LIKELY if found is not None else NO
