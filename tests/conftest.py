@@ -53,3 +53,19 @@ def has_root_fuse() -> bool:
 
 
 needs_root = pytest.mark.skipif(not has_root_fuse(), reason="needs root, /dev/fuse and fusermount3")
+
+
+@pytest.fixture
+def thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every function ``vhdfs.aio.image`` hands to a worker thread (``trio.to_thread.run_sync``)."""
+    from vhdfs.aio import image as aio_image
+
+    hops: list[object] = []
+    real = aio_image.trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):  # type: ignore[no-untyped-def]
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(aio_image.trio.to_thread, "run_sync", counting)
+    return hops

@@ -121,16 +121,21 @@ def mounted(images: Sequence[str | os.PathLike[str]], mountpoint: str | os.PathL
         yield m
     finally:
         force_unmount(mp)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_daemon(proc)
         logf.close()
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    """Wait for an unmounted daemon to exit; terminate it, then kill it, if it does not."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 @contextlib.contextmanager

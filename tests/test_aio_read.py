@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from vhdfs.aio import image as aio_image
 from vhdfs.aio.image import INLINE_MISS_MAX, AsyncImage
 from vhdfs.block import open_image
 from vhdfs.formats.vhd.create import create_vhd
@@ -17,21 +16,14 @@ from vhdfs.formats.vhd.create import create_vhd
 
 @pytest.mark.parametrize("size", [4096, INLINE_MISS_MAX, INLINE_MISS_MAX + 4096, 1 << 20])
 async def test_misses_inline_when_small_in_a_thread_when_large(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+    tmp_path: Path, thread_hops: list[object], size: int
 ) -> None:
     path = tmp_path / "d.vhd"
     create_vhd(str(path), 8 << 20, "dynamic")
     data = random.Random(size).randbytes(4 << 20)
     with open_image(path, writable=True) as w:
         w.write(1 << 20, data)
-    hops: list[object] = []
-    real = trio.to_thread.run_sync
-
-    async def counting(fn, *args, **kw):  # type: ignore[no-untyped-def]
-        hops.append(fn)
-        return await real(fn, *args, **kw)
-
-    monkeypatch.setattr(aio_image.trio.to_thread, "run_sync", counting)
+    hops = thread_hops
     image = open_image(path)
     try:
         shared = AsyncImage(image, False, trio.CapacityLimiter(2))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from vhdfs.aio import image as aio_image
 from vhdfs.aio.image import INLINE_WRITE_MAX, AsyncImage
 from vhdfs.block import open_image
 from vhdfs.formats.vhd.create import create_vhd
@@ -18,24 +17,12 @@ from vhdfs.formats.vhd.create import create_vhd
 MiB = 1 << 20
 
 
-def _count_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    hops: list[object] = []
-    real = trio.to_thread.run_sync
-
-    async def counting(fn, *args, **kw):  # type: ignore[no-untyped-def]
-        hops.append(fn)
-        return await real(fn, *args, **kw)
-
-    monkeypatch.setattr(aio_image.trio.to_thread, "run_sync", counting)
-    return hops
-
-
 @pytest.mark.parametrize("size", [4096, INLINE_WRITE_MAX, INLINE_WRITE_MAX + 4096])
-async def test_in_place_writes_inline_when_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+async def test_in_place_writes_inline_when_small(tmp_path: Path, thread_hops: list[object], size: int) -> None:
     path = tmp_path / "d.vhd"
     create_vhd(str(path), 8 * MiB, "dynamic")
     data = random.Random(size).randbytes(size)
-    hops = _count_hops(monkeypatch)
+    hops = thread_hops
     with open_image(path, writable=True) as image:
         shared = AsyncImage(image, True, trio.CapacityLimiter(2))
         await shared.write(MiB, memoryview(bytes(size)))  # allocates block 0: a worker thread
@@ -48,7 +35,7 @@ async def test_in_place_writes_inline_when_small(tmp_path: Path, monkeypatch: py
 
 
 async def test_a_vdi_first_write_renews_its_uuid_in_a_worker_thread(
-    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corpus_dir: Path, tmp_path: Path, thread_hops: list[object]
 ) -> None:
     """Block 0 of the QEMU-made VDI is allocated, but the session's first change writes the
     header (VirtualBox's new modification UUID, under meta_lock): not in place, not inline."""
@@ -57,7 +44,7 @@ async def test_a_vdi_first_write_renews_its_uuid_in_a_worker_thread(
         pytest.skip("corpus image missing")
     path = tmp_path / "copy.vdi"
     shutil.copyfile(src, path)
-    hops = _count_hops(monkeypatch)
+    hops = thread_hops
     with open_image(path, writable=True) as image:
         before = image.header.uuid_modify  # type: ignore[attr-defined]
         assert not image.write_is_in_place(0, 512)

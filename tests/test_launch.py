@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root
-from mounting import force_unmount, vhdfs
+from mounting import force_unmount, stop_daemon, vhdfs
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -167,11 +167,7 @@ def test_daemon_imports_with_the_collector_paused_and_resumes_it_when_serving(tm
         assert (mp / "disk.raw").read_bytes()[:512] == bytes(512)
     finally:
         force_unmount(mp)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_daemon(proc)
 
 
 def test_the_slow_vhd_probe_runs_only_when_no_format_is_certain(
