@@ -101,10 +101,10 @@ def test_opening_an_image_loads_only_its_own_format(tmp_path: Path) -> None:
         stray = {
             m
             for m in loaded
-            if m.split(".")[2] in others and m.split(".")[3:] not in (["footer"], ["spec"], [])
+            if m.split(".")[2] in others and m.split(".")[3:] not in (["magic"], [])
             or m.split(".")[-1] in ("create", "resize", "compact", "repair", "maintain", "space", "room")
         }
-        assert not stray, stray  # (a VHDX open probes VHD first: its footer/spec may load)
+        assert not stray, stray  # (a VHDX open probes VHD and VDI first: only their magic loads)
 
 
 def test_fuse_package_imports_pyfuse3_without_importlib_metadata() -> None:

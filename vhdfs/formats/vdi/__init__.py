@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from ...block.driver import CERTAIN, NO, Driver, ProbeData, deferred, deferred_value
+from . import magic
 
 if TYPE_CHECKING:
     from ...block.image import Image, ParentRef
@@ -20,9 +21,7 @@ SUFFIXES = (".vdi",)
 
 
 def probe(data: ProbeData) -> int:
-    from . import spec
-
-    return CERTAIN if spec.probe(data.head) else NO
+    return CERTAIN if magic.probe(data.head) else NO
 
 
 def parent_candidates(child: Image, ref: ParentRef, parent_dirs: tuple[str, ...]) -> list[str]:

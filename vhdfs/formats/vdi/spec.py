@@ -16,11 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...errors import FormatError, UnsupportedError
+from .magic import PRE_HEADER_SIZE, SIGNATURE, probe
 
-SIGNATURE = 0xBEDA107F
-SIGNATURE_BYTES = struct.pack("<I", SIGNATURE)  # 7F 10 DA BE
-SIGNATURE_OFFSET = 0x40
-PRE_HEADER_SIZE = 0x48  # text (64) + signature + version
 VERSION_1_1 = 0x00010001
 HEADER_V1 = 0x180  # QEMU writes this size
 HEADER_V1PLUS = 0x190  # VirtualBox: adds the LCHS geometry
@@ -114,11 +111,6 @@ class VdiHeader:
     @property
     def map_bytes(self) -> int:
         return 4 * self.blocks_in_image
-
-
-def probe(head: bytes) -> bool:
-    """True when ``head`` carries the VDI signature (the pre-header text is not checked)."""
-    return len(head) >= PRE_HEADER_SIZE and head[SIGNATURE_OFFSET : SIGNATURE_OFFSET + 4] == SIGNATURE_BYTES
 
 
 def _is_power_of_two(n: int) -> bool:

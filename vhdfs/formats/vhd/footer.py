@@ -1,7 +1,7 @@
 """Finding a VHD's footer: at the end (512 or 511 bytes), after padding, or the head copy.
 
-Also the probe (a footer where some reader would look for one) and the footer fields every VHD
-type shows in ``vhdfs info``. Only reads.
+Also the registry's second look (a footer before padding; the first is ``magic.probe``) and the
+footer fields every VHD type shows in ``vhdfs info``. Only reads.
 """
 
 from __future__ import annotations
@@ -11,28 +11,12 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ...block.driver import CERTAIN, LIKELY, NO, ProbeData
+from ...block.driver import LIKELY, NO, ProbeData
 from ...block.rawfile import RawFile
 from ...errors import FormatError
 from . import spec as fmt
 
 TRAILING_SCAN = 4 * 1024 * 1024  # how far back from the end to look for a padded footer
-
-
-def probe(data: ProbeData) -> int:
-    """CERTAIN for a footer at the end or a dynamic disk's head copy (the first look)."""
-    head, tail, file_size = data.head, data.tail, data.size
-    if file_size >= fmt.FOOTER_SIZE and tail[-fmt.FOOTER_SIZE :][:8] == fmt.FOOTER_COOKIE:
-        return CERTAIN
-    if file_size % fmt.SECTOR == 511 and len(tail) >= 511 and tail[-511:][:8] == fmt.FOOTER_COOKIE:
-        return CERTAIN
-    if (
-        len(head) >= fmt.FOOTER_SIZE
-        and head[:8] == fmt.FOOTER_COOKIE
-        and head[0x3C:0x40] in (b"\0\0\0\3", b"\0\0\0\4")
-    ):
-        return CERTAIN
-    return NO
 
 
 def probe_padded(data: ProbeData) -> int:

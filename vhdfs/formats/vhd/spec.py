@@ -14,18 +14,14 @@ import uuid
 from dataclasses import dataclass, field
 
 from ...errors import FormatError
+from .magic import DISK_DIFFERENCING, DISK_DYNAMIC, FOOTER_COOKIE, FOOTER_SIZE, SECTOR
 
-SECTOR = 512
-FOOTER_SIZE = 512
 HEADER_SIZE = 1024
 
-FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
 BATMAP_COOKIE = b"tdbatmap"
 
 DISK_FIXED = 2
-DISK_DYNAMIC = 3
-DISK_DIFFERENCING = 4
 DISK_TYPE_NAMES = {DISK_FIXED: "fixed", DISK_DYNAMIC: "dynamic", DISK_DIFFERENCING: "differencing"}
 
 FEATURES_RESERVED = 0x00000002  # bit1 must be set
