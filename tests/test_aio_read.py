@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from vhdfs.aio.image import INLINE_MISS_MAX, AsyncImage
+from vhdfs.aio.image import INLINE_MAX, AsyncImage
 from vhdfs.block import open_image
 from vhdfs.formats.vhd.create import create_vhd
 
 
-@pytest.mark.parametrize("size", [4096, INLINE_MISS_MAX, INLINE_MISS_MAX + 4096, 1 << 20])
+@pytest.mark.parametrize("size", [4096, INLINE_MAX, INLINE_MAX + 4096, 1 << 20])
 async def test_misses_inline_when_small_in_a_thread_when_large(
     tmp_path: Path, thread_hops: list[object], size: int
 ) -> None:
@@ -33,6 +33,6 @@ async def test_misses_inline_when_small_in_a_thread_when_large(
         hops.clear()
         got = await shared.read(off, size)
         assert bytes(got) == data[12345 : 12345 + size]
-        assert len(hops) == (0 if size <= INLINE_MISS_MAX else 1), hops
+        assert len(hops) == (0 if size <= INLINE_MAX else 1), hops
     finally:
         image.close()

@@ -1,4 +1,4 @@
-"""``AsyncImage.write``: an in-place write up to ``INLINE_WRITE_MAX`` is a copy into the page cache
+"""``AsyncImage.write``: an in-place write up to ``INLINE_MAX`` is a copy into the page cache
 done on the trio thread; a larger one, and every write that changes metadata (an allocation, a
 bitmap bit, a first-write header update), goes to a worker thread. Bytes always land."""
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from vhdfs.aio.image import INLINE_WRITE_MAX, AsyncImage
+from vhdfs.aio.image import INLINE_MAX, AsyncImage
 from vhdfs.block import open_image
 from vhdfs.formats.vhd.create import create_vhd
 
 MiB = 1 << 20
 
 
-@pytest.mark.parametrize("size", [4096, INLINE_WRITE_MAX, INLINE_WRITE_MAX + 4096])
+@pytest.mark.parametrize("size", [4096, INLINE_MAX, INLINE_MAX + 4096])
 async def test_in_place_writes_inline_when_small(tmp_path: Path, thread_hops: list[object], size: int) -> None:
     path = tmp_path / "d.vhd"
     create_vhd(str(path), 8 * MiB, "dynamic")
@@ -29,7 +29,7 @@ async def test_in_place_writes_inline_when_small(tmp_path: Path, thread_hops: li
         assert len(hops) == 1
         hops.clear()
         await shared.write(MiB, memoryview(data))  # in place now
-        assert len(hops) == (0 if size <= INLINE_WRITE_MAX else 1), hops
+        assert len(hops) == (0 if size <= INLINE_MAX else 1), hops
     with open_image(path) as image:
         assert image.read(MiB, size) == data
 

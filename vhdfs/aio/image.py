@@ -8,7 +8,7 @@ Why this shape:
   whole read goes to a worker thread), and try ``preadv(..., RWF_NOWAIT)`` inline for every
   DATA extent. A page-cache hit
   costs no thread hop. A miss (``BlockingIOError``) or a short read of a small request
-  (``INLINE_MISS_MAX``) is then read inline too, blocking: the hop to a worker thread and back
+  (``INLINE_MAX``) is then read inline too, blocking: the hop to a worker thread and back
   costs a cold 4 KiB read as much CPU as the read itself (the daemon is CPU-bound on cold small
   reads: 330 -> 225 us of CPU per fio QD1 read, bench/README.md), and the only thing it buys,
   overlap with other requests, the daemon hardly ever had (1-2 reads in handlers at once).
@@ -17,7 +17,7 @@ Why this shape:
 * **Writes** that change metadata (allocate a block, set bitmap bits) go to a worker thread,
   hold the image's ``trio.Lock`` and are shielded from cancellation, so a half-done metadata
   change never happens. In-place writes (``Image.write_is_in_place``: no lock, only a copy into
-  the image file's page cache) up to ``INLINE_WRITE_MAX`` are written on the trio thread, like
+  the image file's page cache) up to ``INLINE_MAX`` are written on the trio thread, like
   small read misses: the thread hop cost more than the copy (ext4 mkfs + untar on a loop
   device ~7 % faster); larger ones go to a worker thread without the lock. Consistency itself comes from
   the block layer's ``meta_lock`` (docs/concurrency.md), which a thread-based front end (NBD)
@@ -43,8 +43,9 @@ from ..errors import ReadOnlyError
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(1 << 20)
-INLINE_MISS_MAX = 128 << 10  # cache misses of requests up to this size are read on the trio thread
-INLINE_WRITE_MAX = 128 << 10  # in-place writes up to this size are written on the trio thread
+# A read miss or an in-place write up to this size is done on the trio thread, blocking: below
+# it the hop to a worker thread and back costs more CPU than the pread/pwrite itself.
+INLINE_MAX = 128 << 10
 
 
 @dataclass
@@ -170,7 +171,7 @@ class AsyncImage:
                         ext.offset + got, ext.length - got, ext.kind, ext.fd, ext.file_offset + got, ext.layer
                     )
                 )
-        if misses and n <= INLINE_MISS_MAX:
+        if misses and n <= INLINE_MAX:
             self.image.readinto_extents(misses, view, base)  # small: the thread hop costs more
         elif misses:
             await trio.to_thread.run_sync(
@@ -204,7 +205,7 @@ class AsyncImage:
         if not self.writable:
             raise ReadOnlyError("image is open read-only", self.image.path)
         if self.image.write_is_in_place(base, len(view)):
-            if len(view) <= INLINE_WRITE_MAX:
+            if len(view) <= INLINE_MAX:
                 self.image.write(base, view)  # a copy into the page cache: the hop costs more
             else:
                 await trio.to_thread.run_sync(self.image.write, base, view, limiter=self.limiter)
