@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,27 @@ def test_raw_read_write_and_clean_umount(tmp_path: Path) -> None:
         assert f.read_bytes() == data
         assert m.unmount() == 0
     assert img.read_bytes() == data
+
+
+@needs_root
+def test_st_blocks_follows_writes_while_attributes_are_cached(tmp_path: Path) -> None:
+    """Attributes are kept 300 s; the committer re-announces st_blocks once writes allocate."""
+    img = tmp_path / "d.vhd"
+    assert vhdfs("create", "--size", "64M", img).returncode == 0
+    with mounted([img], tmp_path / "mnt", "-w") as m:
+        f = m.file("d.raw")
+        before = f.stat().st_blocks
+        assert before * 512 < 1 << 20
+        with open(f, "r+b") as fh:
+            fh.seek(32 << 20)
+            fh.write(os.urandom(4 << 20))
+            fh.flush()
+            os.fsync(fh.fileno())
+        deadline = time.monotonic() + 10
+        while f.stat().st_blocks * 512 < before * 512 + (4 << 20):
+            assert time.monotonic() < deadline, f"st_blocks stuck at {f.stat().st_blocks}"
+            time.sleep(0.1)
+        assert m.unmount() == 0
 
 
 @needs_root

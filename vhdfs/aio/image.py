@@ -63,12 +63,16 @@ class AsyncImage:
     allocated: int | None = None  # cached allocated bytes for st_blocks
     allocated_at: float = 0.0
     allocated_dirty: bool = True
+    allocation_changed: bool = False  # writes since the front end last re-announced st_blocks
     temp_child: str | None = None  # snapshot child to delete at unmount
     commit_failed: Exception | None = None  # a background commit's error, for the next flush
     commit_wanted: trio.Event = field(default_factory=trio.Event)  # wakes the committer early
     # Called (in a worker thread) after a failed flush or commit rolled writes back: the
     # mount drops what the kernel page cache holds of this image's files (operations.py).
     on_rollback: Callable[[], None] | None = None
+    # Called (in a worker thread) at most once a commit interval after writes changed what is
+    # allocated: the mount lets the kernel ask for st_blocks again (it keeps attributes long).
+    on_allocation_changed: Callable[[], None] | None = None
 
     async def allocated_bytes(self) -> int:
         """Allocated bytes of the whole chain (capped at size), recomputed at most once a second.
@@ -146,8 +150,21 @@ class AsyncImage:
                     await self.commit_wanted.wait()
                 self.commit_wanted = trio.Event()
                 await self.commit_pending()
+                await self.announce_allocation()
         finally:
             self.image.auto_commit = True
+
+    async def announce_allocation(self) -> None:
+        """Writes changed what is allocated: count it afresh at the next ask, and tell the front end."""
+        if not self.allocation_changed:
+            return
+        self.allocation_changed = False
+        self.allocated = None
+        if self.on_allocation_changed is not None:
+            try:
+                await trio.to_thread.run_sync(self.on_allocation_changed)
+            except Exception as exc:
+                log.debug("%s: st_blocks not re-announced: %s", self.image.path, exc)
 
     async def read(self, base: int, n: int) -> bytes | bytearray | memoryview:
         """``n`` bytes at virtual offset ``base`` (inside the disk): page-cache hits inline."""
@@ -213,7 +230,7 @@ class AsyncImage:
         with trio.CancelScope(shield=True):
             async with self.lock:
                 await trio.to_thread.run_sync(self.image.write, base, view, limiter=self.limiter)
-        self.allocated_dirty = True
+        self.allocated_dirty = self.allocation_changed = True
         if self.image.commit_due():
             self.commit_wanted.set()
 
@@ -224,4 +241,4 @@ class AsyncImage:
         with trio.CancelScope(shield=True):
             async with self.lock:
                 await trio.to_thread.run_sync(self.image.discard, base, n, limiter=self.limiter)
-        self.allocated_dirty = True
+        self.allocated_dirty = self.allocation_changed = True

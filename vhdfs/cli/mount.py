@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache",
         action="store_true",
-        help="keep attributes long on writable mounts too (the kernel page cache is the default)",
+        help="accepted for older command lines: caching is the default",
     )
     p.add_argument(
         "--direct-io",
@@ -157,9 +157,7 @@ def _serve(args: argparse.Namespace, files: list[Export], mountpoint: str) -> in
     """The daemon itself: mount, serve until unmounted (``serve`` closes the images)."""
     from ..fs.daemon import serve
 
-    return serve(
-        files, mountpoint, cache=args.cache, direct_io=args.direct_io, extra_options=_fuse_opts(args)
-    )
+    return serve(files, mountpoint, direct_io=args.direct_io, extra_options=_fuse_opts(args))
 
 
 def _configure_daemon_logging(debug: bool) -> None:

@@ -46,7 +46,6 @@ def serve(
     files: list[Export],
     mountpoint: str,
     *,
-    cache: bool = False,
     direct_io: bool = False,
     extra_options: Iterable[str] = (),
 ) -> int:
@@ -56,7 +55,7 @@ def serve(
     """
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     mountpoint = os.path.abspath(mountpoint)
-    ops = VhdfsOperations(files, cache=cache, direct_io=direct_io)
+    ops = VhdfsOperations(files, direct_io=direct_io)
     writable = any(f.writable for f in files)
     options = fuse_options(writable, extra_options)
     log.debug("FUSE options: %s", sorted(options))
@@ -65,7 +64,7 @@ def serve(
     except RuntimeError:
         _close_images(ops)
         raise VhdfsError("cannot mount here (see the FUSE message above)", mountpoint) from None
-    ops.watch_rollbacks()
+    ops.watch_images()
     served_ok = False
     try:
         trio.run(_main, ops, mountpoint, files)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 ROOT = pyfuse3.ROOT_INODE
+ATTR_TIMEOUT = 300.0  # seconds the kernel keeps entries and attributes (see __init__)
 
 
 def _guard(
@@ -64,11 +65,10 @@ class VhdfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, files: Sequence[Export], cache: bool = False, direct_io: bool = False) -> None:
+    def __init__(self, files: Sequence[Export], direct_io: bool = False) -> None:
         super().__init__()
         self.files: dict[int, Export] = {ROOT + 1 + i: f for i, f in enumerate(files)}
         self.by_name: dict[bytes, int] = {os.fsencode(f.name): ino for ino, f in self.files.items()}
-        self.cache = cache
         self.failsafe = False
         # The kernel page cache (keep_cache, no direct_io) is the default: warm reads never
         # reach Python, small reads get the kernel's readahead. It stays coherent because
@@ -85,15 +85,25 @@ class VhdfsOperations(pyfuse3.Operations):
             for ino in inos
             if direct_io or (self.files[ino].writable and len(inos) > 1)
         }
-        # Sizes never change and st_blocks only grows with writes: attributes may be kept long
-        # on read-only mounts (fewer getattr round trips); --cache keeps them long everywhere.
-        self.attr_timeout = 300.0 if cache or not any(f.writable for f in files) else 1.0
+        # Attributes are kept long (fewer getattr round trips: with auto_inval_data the kernel
+        # asks before a read once they expire): sizes never change while mounted, chmod/chown
+        # answer with the new attributes, and st_blocks, which writes change, is re-announced
+        # by the committer (``AsyncImage.announce_allocation`` -> ``refresh_attributes``).
+        self.attr_timeout = ATTR_TIMEOUT
         self.mtime_ns = time.time_ns()
 
-    def watch_rollbacks(self) -> None:
-        """Once mounted: a rolled-back write makes the kernel drop that image's cached pages."""
+    def watch_images(self) -> None:
+        """Once mounted: a rolled-back write makes the kernel drop that image's cached pages, and
+        a change of what is allocated makes it ask for the files' attributes again."""
         for shared in self.shared_images:
             shared.on_rollback = functools.partial(self.invalidate_image, shared)
+            shared.on_allocation_changed = functools.partial(self.refresh_attributes, shared)
+
+    def refresh_attributes(self, shared: AsyncImage) -> None:
+        """Drop the kernel's cached attributes (never its pages) of every file of ``shared``."""
+        for ino, f in self.files.items():
+            if f.shared is shared:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
 
     def invalidate_image(self, shared: AsyncImage) -> None:
         """Drop the kernel's cached pages of every file of ``shared`` (from a worker thread)."""
