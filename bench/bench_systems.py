@@ -268,14 +268,15 @@ def _vhdfs_help() -> str:
 
 
 class Vhdfs(System):
-    """``vhdfs mount -f [-w] [--cache]``, in the foreground so its pid is the daemon's."""
+    """``vhdfs mount -f [-w]`` with default options, in the foreground so its pid is the daemon's.
+
+    The only vhdfs column: a target holds only in the configuration a user gets without flags
+    (``--cache`` changes nothing since the default keeps attributes long too).
+    """
 
     kind = "vhdfs"
-
-    def __init__(self, cache: bool) -> None:
-        self.cache = cache
-        self.key = "vhdfs-cache" if cache else "vhdfs"
-        self.label = "vhdfs --cache" if cache else "vhdfs"
+    key = "vhdfs"
+    label = "vhdfs"
 
     def available(self) -> str | None:
         if not os.access(VHDFS, os.X_OK):
@@ -283,8 +284,6 @@ class Vhdfs(System):
         help_ = _vhdfs_help()
         if "usage" not in help_:
             return "`vhdfs mount` not implemented yet"
-        if self.cache and "--cache" not in help_:
-            return "vhdfs mount has no --cache"
         return None
 
     def check(self, image: Image, rw: bool) -> None:
@@ -294,7 +293,7 @@ class Vhdfs(System):
     @contextlib.contextmanager
     def mount(self, image: Image, rw: bool, scratch: str) -> Iterator[Mounted]:
         self.check(image, rw)
-        cmd = [VHDFS, "mount", "-f"] + (["-w"] if rw else []) + (["--cache"] if self.cache else [])
+        cmd = [VHDFS, "mount", "-f"] + (["-w"] if rw else [])
         name = os.path.splitext(os.path.basename(image.path))[0] + ".raw"
         with _foreground_mount(scratch, "vhdfs.", lambda mnt: cmd + [image.path, mnt], name,
                                unmount_cmd=[VHDFS, "umount"]) as m:
@@ -405,5 +404,5 @@ class Vhdimount(System):
 
 
 def all_systems() -> list[System]:
-    return [Bare(), Passthrough(False), Passthrough(True), Vhdfs(False), Vhdfs(True), Qsd(),
+    return [Bare(), Passthrough(False), Passthrough(True), Vhdfs(), Qsd(),
             Vhdimount()]
