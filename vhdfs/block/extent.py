@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import FormatError
@@ -38,6 +38,22 @@ class Extent:
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+    @property
+    def is_hole(self) -> bool:
+        """Reads as zeros without stored data (ZERO, or unallocated down the chain): what NBD's
+        block status calls hole|zero and ``SEEK_HOLE`` finds. A DATA run is data even if zero."""
+        return self.kind != Kind.DATA
+
+
+def run_end(first: int, last: int, key: Callable[[int], object]) -> int:
+    """The index after the run of entries from ``first`` (up to ``last``) whose ``key`` equals
+    ``key(first)``. A driver maps a run of unallocated blocks as one extent with it, so a seek
+    or a map across a huge sparse disk costs a lookup per block, not an Extent per block."""
+    want, i = key(first), first + 1
+    while i <= last and key(i) == want:
+        i += 1
+    return i
 
 
 def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...block.driver import Finding
+from ...block.extent import run_end
 from ...block.image import Extent, Image, Kind, OpenOptions, ParentRef
 from ...block.pending import PendingCounter, PendingGroup, PendingTable
 from ...block.rawfile import RawFile
@@ -166,10 +167,11 @@ class VdiImage(Image):
             entry = bmap[block]
             if entry < fmt.BLOCK_ZERO:
                 yield Extent(pos, n, Kind.DATA, fd, self._data_offset(entry) + within)
-            elif entry == fmt.BLOCK_ZERO:
-                yield Extent(pos, n, Kind.ZERO)
-            else:
-                yield Extent(pos, n, self._free_kind)
+                pos += n
+                continue
+            # a run of zero (or of free) blocks is one extent
+            n = min(run_end(block, (end - 1) // bs, bmap.__getitem__) * bs, end) - pos
+            yield Extent(pos, n, Kind.ZERO if entry == fmt.BLOCK_ZERO else self._free_kind)
             pos += n
 
     def write_is_in_place(self, offset: int, length: int) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...block.driver import Finding, note
+from ...block.extent import run_end
 from ...block.image import Extent, Image, Kind
 from ...block.pending import PendingBlobs, PendingGroup, PendingTable
 from ...block.rawfile import RawFile
@@ -146,8 +147,9 @@ class SparseVhd(Image):
             bend = min(bstart + B, end)
             entry = self.bat[i]
             if entry == fmt.UNUSED_BAT:
-                yield Extent(pos, bend - pos, self._hole)
-                pos = bend
+                hend = min(run_end(i, (end - 1) // B, self.bat.__getitem__) * B, end)
+                yield Extent(pos, hend - pos, self._hole)
+                pos = hend
                 continue
             base = entry * fmt.SECTOR + self.bitmap_bytes - bstart  # file offset - virtual offset
             bm = self._bitmap(i, entry)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...block.driver import Finding, error, note
-from ...block.extent import Extent, Kind
+from ...block.extent import Extent, Kind, run_end
 from ...block.image import Image
 from ...block.rawfile import RawFile
 from ...errors import FormatError
@@ -173,6 +173,9 @@ class VhdxImage(VhdxWriter, Image):  # type: ignore[misc]
             b += 1
         return True
 
+    def _state(self, b: int) -> int:
+        return self.entry(b) & S.BAT_STATE_MASK
+
     def map_layer(self, offset: int, length: int) -> Iterator[Extent]:
         assert self.file is not None
         B, end, pos, fd = self.block_size, offset + length, offset, self.file.fd
@@ -186,7 +189,8 @@ class VhdxImage(VhdxWriter, Image):  # type: ignore[misc]
             if state == S.PAYLOAD_FULLY_PRESENT:
                 off = self._block_offset(b, entry, bend - bstart)
                 yield from self._data(pos, bend - pos, off + pos - bstart, fd)
-            elif state == S.PAYLOAD_NOT_PRESENT:
+            elif state == S.PAYLOAD_NOT_PRESENT:  # a run of them is one extent
+                bend = min(run_end(b, (end - 1) // B, self._state) * B, end)
                 yield Extent(pos, bend - pos, self._hole)
             elif state in _ZERO_STATES:
                 yield Extent(pos, bend - pos, Kind.ZERO)
