@@ -61,6 +61,21 @@ class Export:
             return b""
         return await self.shared.read(self.start + off, n)
 
+    async def seek(self, off: int, hole: bool) -> int | None:
+        """``lseek`` ``SEEK_HOLE`` (``hole``) or ``SEEK_DATA`` from ``off`` inside the window.
+
+        None means ENXIO: ``off`` at or past the end, or no data after it. The end of the
+        window is a hole (as on every file system), so ``SEEK_HOLE`` always finds one.
+        """
+        if off < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        if off >= self.size:
+            return None
+        found = await self.shared.seek(self.start + off, self.start + self.size, hole)
+        if found is None:
+            return self.size if hole else None
+        return found - self.start
+
     async def write(self, off: int, data: bytes) -> int:
         """Write inside the window; a write starting past the end gets ENOSPC, one crossing it is short."""
         if not self.writable:

@@ -166,6 +166,11 @@ class AsyncImage:
             except Exception as exc:
                 log.debug("%s: st_blocks not re-announced: %s", self.image.path, exc)
 
+    async def seek(self, base: int, end: int, hole: bool) -> int | None:
+        """``Image.seek_extent`` in a worker thread: mapping may read tables, and a long hole
+        takes a while to walk."""
+        return await trio.to_thread.run_sync(self.image.seek_extent, base, end, hole, limiter=self.limiter)
+
     async def read(self, base: int, n: int) -> bytes | bytearray | memoryview:
         """``n`` bytes at virtual offset ``base`` (inside the disk): page-cache hits inline."""
         if not self.image.chain_maps_without_io(base, n):

@@ -22,6 +22,8 @@ from .extent import Extent, Kind, merge_extents, pread_exact, preadinto_exact
 from .pending import CommitSnapshot, PendingGroup, commit_every
 from .rawfile import RawFile
 
+SEEK_SPAN = 1 << 30  # bytes mapped per step of seek_extent
+
 
 @dataclass(frozen=True)
 class OpenOptions:
@@ -254,6 +256,19 @@ class Image(abc.ABC):
                 yield from parent._resolve(ext.offset, inside, layer + 1)
             if inside < ext.length:
                 yield Extent(ext.offset + inside, ext.length - inside, Kind.ZERO, layer=layer)
+
+    def seek_extent(self, offset: int, end: int, hole: bool) -> int | None:
+        """The first offset in ``[offset, end)`` inside a hole (``hole``) or inside data, else
+        None: ``SEEK_HOLE``/``SEEK_DATA``. Maps ``SEEK_SPAN`` at a time, so a seek across a
+        huge sparse disk walks only as far as the answer."""
+        pos = offset
+        while pos < end:
+            n = min(SEEK_SPAN, end - pos)
+            for ext in self.extents(pos, n):
+                if ext.is_hole == hole:
+                    return max(ext.offset, offset)
+            pos += n
+        return None
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset+length)``, short only at the end of the disk."""

@@ -281,6 +281,19 @@ class VhdfsOperations(pyfuse3.Operations):
         return await self._file(fh).read(off, size)  # type: ignore[return-value]
 
     @_guard
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """``SEEK_DATA``/``SEEK_HOLE`` (the only ones the kernel sends), so ``cp``, ``qemu-img``
+        and ``rsync`` skip unallocated space. Reached only with vendor/'s pyfuse3 (lseek
+        patch, scripts/install.sh); a stock pyfuse3 never calls it and the kernel then treats
+        the whole file as data."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        pos = await self._file(fh).seek(off, whence == os.SEEK_HOLE)
+        if pos is None:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return pos
+
+    @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self._file(fh).write(off, buf)
 

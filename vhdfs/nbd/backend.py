@@ -353,7 +353,7 @@ class Handle:
             self.image.discard(base, n)
         else:
             for e in list(self.image.extents(base, n)):
-                if e.kind != Kind.DATA:
+                if e.is_hole:
                     continue  # reads as zeros already
                 pos = e.offset
                 while pos < e.end:
@@ -371,7 +371,7 @@ class Handle:
         base = self._range(off, n)
         out: list[list] = []
         for e in self.image.extents(base, min(n, EXTENTS_SPAN)):
-            zero = e.kind != Kind.DATA
+            zero = e.is_hole
             start = e.offset - self.window.start
             if out and out[-1][2] == zero and out[-1][0] + out[-1][1] == start:
                 out[-1][1] += e.length
