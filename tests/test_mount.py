@@ -416,3 +416,32 @@ async def test_failed_background_commit_is_reported_once_at_the_next_fsync(tmp_p
     image.close()
     with open_image(path) as again:
         assert again.read(0, 4) == b"kept" and [p for p in again.check() if p.severity.name != "LEAK"] == []
+
+
+async def test_invalidating_skips_a_file_the_kernel_does_not_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOENT from the kernel for one file (never looked up) must not stop the others."""
+    import pyfuse3
+    import trio
+
+    from vhdfs.aio.export import Export as ImageFile
+    from vhdfs.aio.image import AsyncImage as SharedImage
+    from vhdfs.fs.operations import VhdfsOperations
+
+    shared = SharedImage(_Exploding(), False, trio.CapacityLimiter(2))  # type: ignore[arg-type]
+    ops = VhdfsOperations([ImageFile("d.raw", shared), ImageFile("d-p1.raw", shared, 4096, 8192)])
+    first, second = pyfuse3.ROOT_INODE + 1, pyfuse3.ROOT_INODE + 2
+    seen: list[tuple[int, bool]] = []
+
+    def invalidate(ino: int, attr_only: bool = False) -> None:
+        seen.append((ino, attr_only))
+        if ino == first:
+            raise OSError(errno.ENOENT, "not cached")
+
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", invalidate)
+    ops.refresh_attributes(shared)
+    ops.invalidate_image(shared)
+    assert seen == [(first, True), (second, True), (first, False), (second, False)]
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: (_ for _ in ()).throw(
+        OSError(errno.EIO, "other")))
+    with pytest.raises(OSError):
+        ops.refresh_attributes(shared)

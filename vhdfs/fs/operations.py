@@ -59,6 +59,16 @@ def _guard(
     return wrapper
 
 
+def _invalidate(inode: int, attr_only: bool) -> None:
+    """``pyfuse3.invalidate_inode``; ENOENT (the kernel never looked the file up, or forgot it)
+    means there is nothing cached to drop, so the next file is still invalidated."""
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=attr_only)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
 class VhdfsOperations(pyfuse3.Operations):
     """The mount: ``files`` in one root directory, inodes 2, 3, ... in the given order."""
 
@@ -103,13 +113,13 @@ class VhdfsOperations(pyfuse3.Operations):
         """Drop the kernel's cached attributes (never its pages) of every file of ``shared``."""
         for ino, f in self.files.items():
             if f.shared is shared:
-                pyfuse3.invalidate_inode(ino, attr_only=True)
+                _invalidate(ino, attr_only=True)
 
     def invalidate_image(self, shared: AsyncImage) -> None:
         """Drop the kernel's cached pages of every file of ``shared`` (from a worker thread)."""
         for ino, f in self.files.items():
             if f.shared is shared and ino not in self.direct_io_inodes:
-                pyfuse3.invalidate_inode(ino)
+                _invalidate(ino, attr_only=False)
 
     @property
     def shared_images(self) -> list[AsyncImage]:
