@@ -143,8 +143,7 @@ class SparseVhd(Image):
         B, fd, end, pos = self.block_size, self.file.fd, offset + length, offset
         while pos < end:
             i = pos // B
-            bstart = i * B
-            bend = min(bstart + B, end)
+            bstart, bend = i * B, min(i * B + B, end)
             entry = self.bat[i]
             if entry == fmt.UNUSED_BAT:
                 hend = min(run_end(i, (end - 1) // B, self.bat.__getitem__) * B, end)
