@@ -38,6 +38,12 @@ def vhdfs(*args: str | os.PathLike[str], check: bool = False, timeout: float = 6
     return run([*VHDFS, *map(str, args)], check=check, timeout=timeout)
 
 
+def new_vhd(path: Path, size: str = "64M") -> Path:
+    """A new, empty dynamic VHD made by ``vhdfs create`` (what a -w mount test starts from)."""
+    assert vhdfs("create", "--size", size, path).returncode == 0
+    return path
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

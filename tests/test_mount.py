@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import corpus_entries, needs_root
-from mounting import (force_unmount, fs_mounted, loop_device, make_tree, mounted, partition_device, read_tree,
-                      run, sha256_file, vhdfs)
+from mounting import (force_unmount, fs_mounted, loop_device, make_tree, mounted, new_vhd, partition_device,
+                      read_tree, run, sha256_file, vhdfs)
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -56,9 +56,7 @@ def test_raw_read_write_and_clean_umount(tmp_path: Path) -> None:
 @needs_root
 def test_st_blocks_follows_writes_while_attributes_are_cached(tmp_path: Path) -> None:
     """Attributes are kept 300 s; the committer re-announces st_blocks once writes allocate."""
-    img = tmp_path / "d.vhd"
-    assert vhdfs("create", "--size", "64M", img).returncode == 0
-    with mounted([img], tmp_path / "mnt", "-w") as m:
+    with mounted([new_vhd(tmp_path / "d.vhd")], tmp_path / "mnt", "-w") as m:
         f = m.file("d.raw")
         before = f.stat().st_blocks
         assert before * 512 < 1 << 20

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import corpus_entries, needs_root
-from mounting import mounted, run, sha256_file, vhdfs
+from mounting import mounted, new_vhd, run, sha256_file
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -98,8 +98,7 @@ def test_seek_map_of_an_image_qemu_wrote(tmp_path: Path, fmt: str) -> None:
 
 @needs_root
 def test_seek_follows_writes_and_cp_makes_a_sparse_copy(tmp_path: Path) -> None:
-    img = tmp_path / "d.vhd"
-    assert vhdfs("create", "--size", "64M", img).returncode == 0
+    img = new_vhd(tmp_path / "d.vhd")
     with mounted([img], tmp_path / "mnt", "-w") as m:
         f = m.file("d.raw")
         assert seek_map(f) == []
