@@ -62,8 +62,7 @@ class AsyncImage:
     nowait: bool = True  # RWF_NOWAIT works on this file system (until shown otherwise)
     allocated: int | None = None  # cached allocated bytes for st_blocks
     allocated_at: float = 0.0
-    allocated_dirty: bool = True
-    allocation_changed: bool = False  # writes since the front end last re-announced st_blocks
+    allocated_dirty: bool = True  # writes changed allocation since the last count or announcement
     temp_child: str | None = None  # snapshot child to delete at unmount
     commit_failed: Exception | None = None  # a background commit's error, for the next flush
     commit_wanted: trio.Event = field(default_factory=trio.Event)  # wakes the committer early
@@ -155,10 +154,11 @@ class AsyncImage:
             self.image.auto_commit = True
 
     async def announce_allocation(self) -> None:
-        """Writes changed what is allocated: count it afresh at the next ask, and tell the front end."""
-        if not self.allocation_changed:
+        """Writes changed what is allocated and no ask has counted it since: count it afresh at the
+        next ask, and tell the front end (whose kernel may hold the old ``st_blocks``)."""
+        if not self.allocated_dirty:
             return
-        self.allocation_changed = False
+        self.allocated_dirty = False
         self.allocated = None
         if self.on_allocation_changed is not None:
             try:
@@ -235,7 +235,7 @@ class AsyncImage:
         with trio.CancelScope(shield=True):
             async with self.lock:
                 await trio.to_thread.run_sync(self.image.write, base, view, limiter=self.limiter)
-        self.allocated_dirty = self.allocation_changed = True
+        self.allocated_dirty = True
         if self.image.commit_due():
             self.commit_wanted.set()
 
@@ -246,4 +246,4 @@ class AsyncImage:
         with trio.CancelScope(shield=True):
             async with self.lock:
                 await trio.to_thread.run_sync(self.image.discard, base, n, limiter=self.limiter)
-        self.allocated_dirty = self.allocation_changed = True
+        self.allocated_dirty = True
